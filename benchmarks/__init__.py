@@ -1,0 +1,1 @@
+"""Benchmarks: each script reproduces a published figure and writes it to results/."""

@@ -1,0 +1,1 @@
+"""Offline job: data, protocol, embedding pretraining, evaluation and (later) meta-training."""

@@ -1,0 +1,236 @@
+"""`s2meta` command line. Errors caused by input or settings print one line naming the file,
+line or setting and exit with code 2; nothing else is written when that happens."""
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from meta_training.config import EmbeddingConfig, ProtocolConfig, ScenarioSelection, Settings
+from meta_training.dataset import INTERACTIONS_CSV, ITEM_SCENARIOS_CSV, load_dataset
+from meta_training.errors import S2MetaError, SettingsError
+from meta_training.evaluate import evaluate, write_results
+from meta_training.methods import METHODS
+from meta_training.prepare import Prepared, prepare
+
+EXIT_USAGE = 2
+PREPARE_STAGES = 4  # read, protocol, pretrain, save (or: read, load cache)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except S2MetaError as error:
+        print(f"s2meta: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors()
+        )
+        print(f"s2meta: error: invalid settings: {problems}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="s2meta", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    prepare_cmd = commands.add_parser(
+        "prepare", help="build the scenario benchmark and pretrain embeddings (cached)"
+    )
+    _add_data_options(prepare_cmd)
+    prepare_cmd.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    prepare_cmd.set_defaults(run=_run_prepare)
+
+    evaluate_cmd = commands.add_parser(
+        "evaluate", help="evaluate methods on meta-test scenarios; write results.md/.json"
+    )
+    _add_data_options(evaluate_cmd)
+    evaluate_cmd.add_argument("--out", type=Path, required=True, help="output directory")
+    evaluate_cmd.add_argument(
+        "--seeds", default="3", help="a count N (seeds 0..N-1) or a list like 0,4,7 (default 3)"
+    )
+    evaluate_cmd.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated, from: {', '.join(METHODS)} (default: all)",
+    )
+    evaluate_cmd.set_defaults(run=_run_evaluate)
+
+    export_cmd = commands.add_parser(
+        "export-tabular", help="write a dataset in the tabular form (interactions.csv, ...)"
+    )
+    export_cmd.add_argument("--data", type=Path, required=True, help="input (either form)")
+    export_cmd.add_argument("--out", type=Path, required=True, help="output directory")
+    export_cmd.set_defaults(run=_run_export)
+    return parser
+
+
+def _add_data_options(command: argparse.ArgumentParser) -> None:
+    defaults = ProtocolConfig()
+    embedding = EmbeddingConfig()
+    command.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="a sequence-form path stem (STEM.txt + STEM_item2attributes.json) "
+        "or a tabular directory (interactions.csv + item_scenarios.csv)",
+    )
+    command.add_argument(
+        "--cache-dir", type=Path, help="default: $S2META_CACHE_DIR or ~/.cache/s2meta"
+    )
+    selection = defaults.selection
+    command.add_argument("--min-pool-items", type=int, default=selection.min_pool_items)
+    command.add_argument("--max-pool-items", type=int, default=selection.max_pool_items)
+    command.add_argument("--min-interactions", type=int, default=selection.min_interactions)
+    command.add_argument("--support-size", type=int, default=defaults.support_size)
+    command.add_argument("--eval-user-share", type=float, default=defaults.eval_user_share)
+    command.add_argument("--episode-share", type=float, default=defaults.episode_share)
+    command.add_argument("--embedding-dim", type=int, default=embedding.dim)
+
+
+def _configs(args: argparse.Namespace) -> tuple[ProtocolConfig, EmbeddingConfig, Path]:
+    protocol = ProtocolConfig(
+        selection=ScenarioSelection(
+            min_pool_items=args.min_pool_items,
+            max_pool_items=args.max_pool_items,
+            min_interactions=args.min_interactions,
+        ),
+        support_size=args.support_size,
+        eval_user_share=args.eval_user_share,
+        episode_share=args.episode_share,
+    )
+    embedding = EmbeddingConfig(dim=args.embedding_dim)
+    cache_dir = args.cache_dir or Settings().cache_dir
+    return protocol, embedding, cache_dir
+
+
+def _prepare_with_progress(
+    args: argparse.Namespace,
+    seed: int,
+    protocol: ProtocolConfig,
+    embedding: EmbeddingConfig,
+    cache_dir: Path,
+) -> Prepared:
+    with tqdm(total=PREPARE_STAGES, desc=f"prepare seed {seed}", unit="stage", leave=False) as bar:
+
+        def report(stage: str) -> None:
+            bar.set_postfix_str(stage)
+            bar.update(1)
+
+        prepared = prepare(args.data, seed, protocol, embedding, cache_dir, report)
+        bar.update(bar.total - bar.n)
+    return prepared
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    protocol, embedding, cache_dir = _configs(args)
+    prepared = _prepare_with_progress(args, args.seed, protocol, embedding, cache_dir)
+    summary = prepared.benchmark.summary()
+    origin = "loaded from cache" if prepared.from_cache else "built"
+    print(f"{summary['dataset']} (seed {args.seed}): {origin} at {prepared.cache_dir}")
+    print(_format_summary(summary))
+    return 0
+
+
+def _format_summary(summary: dict[str, object]) -> str:
+    scenarios = summary["scenarios"]
+    lines = [
+        f"  users {summary['users']:,}  items {summary['items']:,}  "
+        f"interactions {summary['interactions']:,}",
+        f"  scenarios: meta-train {scenarios['train']}, meta-valid {scenarios['valid']}, "
+        f"meta-test {scenarios['test']}, dropped {scenarios['dropped']}",
+        f"  support interactions per meta-valid/test scenario: "
+        f"{summary['support_interactions_mean']:.1f}",
+        f"  evaluation users: meta-valid {summary['valid_eval_users']:,}, meta-test "
+        f"{summary['test_eval_users']:,} ({summary['test_eval_interactions']:,} interactions)",
+        f"  hidden from pretraining: meta-train episodes {summary['episode_interactions']:,} "
+        f"({summary['episode_share']:.1%}), meta-valid/test "
+        f"{summary['evaluation_hidden_share']:.1%}; visible "
+        f"{summary['visible_interactions']:,}",
+        f"  without a visible interaction (zero embedding): users "
+        f"{summary['users_without_visible_interaction']:,}, items "
+        f"{summary['items_without_visible_interaction']:,}",
+    ]
+    return "\n".join(lines)
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        if "," in text:
+            seeds = [int(part) for part in text.split(",") if part.strip()]
+        else:
+            seeds = list(range(int(text)))
+    except ValueError:
+        raise SettingsError(f"--seeds {text!r}: expected a count or a list like 0,1,2") from None
+    if not seeds or any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise SettingsError(f"--seeds {text!r}: expected at least one distinct seed >= 0")
+    return seeds
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    protocol, embedding, cache_dir = _configs(args)
+    seeds = _parse_seeds(args.seeds)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise SettingsError(
+            f"--methods: unknown {', '.join(unknown) or '(none given)'}; "
+            f"known: {', '.join(METHODS)}"
+        )
+    prepared = [
+        _prepare_with_progress(args, seed, protocol, embedding, cache_dir) for seed in seeds
+    ]
+    with tqdm(total=len(seeds) * len(methods), desc="evaluate", unit="run") as bar:
+
+        def advance(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update(1)
+
+        results = evaluate(prepared, methods, advance)
+    write_results(results, args.out)
+    print((args.out / "results.md").read_text())
+    print(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'}")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    data = load_dataset(args.data)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / INTERACTIONS_CSV).open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["user", "item", "timestamp"])
+        # Rows are sorted by user then time; a user's position in their sequence is the time.
+        starts = {}
+        for row, (user, item) in enumerate(
+            zip(data.users.tolist(), data.items.tolist(), strict=True)
+        ):
+            position = row - starts.setdefault(user, row)
+            writer.writerow([data.user_ids[user], data.item_ids[item], position])
+    with (args.out / ITEM_SCENARIOS_CSV).open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["item", "scenario"])
+        for scenario, pool in zip(data.scenario_ids, data.scenario_pools, strict=True):
+            for item in pool.tolist():
+                writer.writerow([data.item_ids[item], scenario])
+    print(
+        json.dumps(
+            {
+                "out": str(args.out),
+                "interactions": data.num_interactions,
+                "scenarios": len(data.scenario_ids),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Configuration of the offline job: one settings class read from the environment, and
+plain pydantic models for the protocol and the embeddings (saved with what they produce)."""
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ScenarioSelection(BaseModel):
+    """Which scenarios (attributes) of a dataset enter the benchmark."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_pool_items: int = Field(100, ge=2)
+    max_pool_items: int = Field(1000, ge=2)
+    min_interactions: int = Field(500, ge=1)
+
+    @model_validator(mode="after")
+    def _pool_range(self) -> "ScenarioSelection":
+        if self.min_pool_items > self.max_pool_items:
+            raise ValueError("min_pool_items must not exceed max_pool_items")
+        return self
+
+
+class ProtocolConfig(BaseModel):
+    """The evaluation protocol; see README 'Evaluation protocol'."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    selection: ScenarioSelection = ScenarioSelection()
+    train_share: float = Field(0.7, gt=0, lt=1)
+    valid_share: float = Field(0.1, gt=0, lt=1)
+    # Few-shot size of a new scenario (the paper's 64 interactions).
+    support_size: int = Field(64, ge=1)
+    # A shared user has at least this many interactions outside the scenario.
+    min_outside_interactions: int = Field(3, ge=1)
+    # Share of the remaining shared users of a meta-valid/meta-test scenario that is evaluated.
+    eval_user_share: float = Field(0.2, gt=0, le=1)
+    # Meta-train episode interactions hidden from pretraining, as a share of all interactions.
+    episode_share: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _shares(self) -> "ProtocolConfig":
+        if self.train_share + self.valid_share >= 1:
+            raise ValueError("train_share + valid_share must leave a meta-test share")
+        return self
+
+
+class EmbeddingConfig(BaseModel):
+    """Matrix factorisation (implicit's ALS) of the interactions the protocol leaves visible."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dim: int = Field(64, ge=1)
+    # Chosen on meta-valid Recall@20 of mf_dot (benchmarks/tune_embeddings.py).
+    regularization: float = Field(0.01, ge=0)
+    alpha: float = Field(20.0, gt=0)
+    iterations: int = Field(30, ge=1)
+
+
+class Settings(BaseSettings):
+    """Environment settings of the offline job (prefix S2META_)."""
+
+    model_config = SettingsConfigDict(env_prefix="S2META_", extra="ignore")
+
+    cache_dir: Path = Path.home() / ".cache" / "s2meta"

@@ -1,0 +1,1 @@
+"""The online service (FastAPI) that adapts and serves scenarios from a published artifact."""
