@@ -1,0 +1,225 @@
+"""Scenario-specific learning with the meta learner (s2Meta).
+
+theta_0 = omega_R; at each step t a batch of N triples gives the hinge loss and its gradient;
+the stop controller gives p_t and, from the minimum number of steps on, the learner stops with
+probability p_t (a seeded uniform draw decides, so serving is reproducible); otherwise the
+update controller's gates update theta_t = beta * theta_{t-1} - alpha * grad. After max_steps
+updates it stops regardless.
+
+One code path: `adapt` is written for a batch of S scenarios as `torch.func.vmap` over a
+single-scenario step, with a mask for the ones that stopped; one scenario is S = 1.
+Gradients of the recommender are constants (first-order): the inner gradient is taken at a
+detached theta, and the controllers' inputs and recurrent states are detached, so the meta
+gradient flows through theta's update chain into omega_R and through the gates into the
+update controller. The stop controller learns by REINFORCE from the recorded log-probabilities.
+"""
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.func import grad_and_value, vmap
+
+from model.controllers import (
+    init_stop_controller,
+    init_update_controller,
+    stop_probability,
+    update_gates,
+)
+from model.params import ParamLayout, Params
+from model.recommender import RecommenderSpec, hinge_loss, init_params
+
+UpdateRule = Literal["learned", "sgd"]
+StopRule = Literal["learned", "max_steps"]
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    recommender: RecommenderSpec
+    controller_hidden: int = 16
+    stop_hidden: int = 16
+    batch_size: int = 128
+    min_steps: int = 4
+    max_steps: int = 20
+    # Ablations: "sgd" is a fixed learning rate (FixedLr), "max_steps" never stops early
+    # (FixedStep).
+    update_rule: UpdateRule = "learned"
+    sgd_lr: float = 0.01
+    stop_rule: StopRule = "learned"
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The fixed pretrained embeddings, [U, D] and [I, D]."""
+
+    user: Tensor
+    item: Tensor
+
+
+@dataclass
+class AdaptResult:
+    """Per scenario (leading dim S); per-step records have T' <= max_steps columns."""
+
+    theta: Tensor  # [S, n] flat adapted parameters
+    steps: Tensor  # [S] updates applied
+    stopped_by_controller: Tensor  # [S] bool
+    train_loss: Tensor  # [S, T'] loss at theta_{t-1}
+    stop_probability: Tensor  # [S, T']
+    decision_log_prob: Tensor  # [S, T'] log-prob of the stop/continue decision, 0 if none
+    decided: Tensor  # [S, T'] bool: a stop decision was drawn at this step
+    alpha_mean: Tensor  # [S, T', K] mean input gate per parameter tensor
+    beta_mean: Tensor  # [S, T', K] mean forget gate per parameter tensor
+    test_loss: Tensor | None = None  # [S, T' + 1] at theta_0..theta_T' (detached), if asked
+
+
+def init_meta_params(config: LearnerConfig, generator: torch.Generator) -> Params:
+    """omega = {omega_R: "init", omega_u: "update.*", omega_s: "stop.*"}."""
+    recommender = init_params(config.recommender, generator)
+    layout = ParamLayout.of(recommender)
+    return {
+        "init": layout.flatten(recommender),
+        **init_update_controller(len(layout.names), config.controller_hidden, generator),
+        **init_stop_controller(len(layout.names), config.stop_hidden, generator),
+    }
+
+
+def layout_of(config: LearnerConfig) -> ParamLayout:
+    return ParamLayout.of(init_params(config.recommender, torch.Generator().manual_seed(0)))
+
+
+def adapt(
+    meta: Params,
+    config: LearnerConfig,
+    tables: Tables,
+    train: dict[str, Tensor],
+    uniforms: Tensor,
+    test: dict[str, Tensor] | None = None,
+    *,
+    compiled: bool = False,
+) -> AdaptResult:
+    """Adapt S scenarios at once (S = 1 for one).
+
+    train: triples as from `sample_triples(..., shape=(max_steps, N))`, stacked to [S, T, N].
+    uniforms: [S, T] draws in [0, 1) for the stop decisions.
+    test: optional triples [S, M] whose hinge loss is recorded at every theta_t (detached).
+    compiled: run the update controller through torch.compile (same numbers, faster after a
+    one-off compilation).
+    """
+    layout = layout_of(config)
+    sizes = layout.sizes
+    num_scenarios = uniforms.shape[0]
+    theta = meta["init"].expand(num_scenarios, -1)
+    n = theta.shape[1]
+    hidden = theta.new_zeros(num_scenarios, n, config.controller_hidden)
+    cell = torch.zeros_like(hidden)
+    stop_hidden = theta.new_zeros(num_scenarios, config.stop_hidden)
+    stop_cell = torch.zeros_like(stop_hidden)
+    active = torch.ones(num_scenarios, dtype=torch.bool)
+    steps = torch.zeros(num_scenarios, dtype=torch.long)
+    gates_fn = _compiled_update_gates() if compiled else update_gates
+
+    # The recommender's loss and gradient depend on each scenario's own parameters: vmap.
+    def loss_at(flat: Tensor, triples: dict[str, Tensor]) -> Tensor:
+        return triples_loss(config, layout, tables, flat, triples)
+
+    loss_and_grad = vmap(grad_and_value(loss_at))
+    batched_loss = vmap(loss_at)
+
+    test_losses: list[Tensor] = []
+    records: list[dict[str, Tensor]] = []
+    for t in range(config.max_steps):
+        if test is not None:
+            with torch.no_grad():
+                test_losses.append(batched_loss(theta.detach(), test))
+        triples = {name: value[:, t] for name, value in train.items()}
+        grad, loss = loss_and_grad(theta.detach(), triples)  # [S, n], [S]
+        norms = torch.stack([part.norm(dim=1) for part in torch.split(grad, sizes, dim=1)], 1)
+        if config.stop_rule == "learned":
+            p_stop, new_stop_hidden, new_stop_cell = stop_probability(
+                meta, loss, norms, stop_hidden, stop_cell
+            )
+        else:
+            p_stop = torch.zeros_like(loss)
+            new_stop_hidden, new_stop_cell = stop_hidden, stop_cell
+        decided = active & (t >= config.min_steps) & (config.stop_rule == "learned")
+        stop_now = decided & (uniforms[:, t] < p_stop)
+        if config.update_rule == "learned":
+            alpha, beta, new_hidden, new_cell = gates_fn(
+                meta, sizes, grad, theta.detach(), loss, hidden, cell
+            )
+        else:
+            alpha = torch.full_like(grad, config.sgd_lr)
+            beta = torch.ones_like(grad)
+            new_hidden, new_cell = hidden, cell
+        keep = active & ~stop_now
+        theta = torch.where(keep[:, None], beta * theta - alpha * grad, theta)
+        # Recurrent states carry no gradient from step to step (first-order).
+        hidden = torch.where(keep[:, None, None], new_hidden.detach(), hidden)
+        cell = torch.where(keep[:, None, None], new_cell.detach(), cell)
+        stop_hidden = torch.where(keep[:, None], new_stop_hidden.detach(), stop_hidden)
+        stop_cell = torch.where(keep[:, None], new_stop_cell.detach(), stop_cell)
+        log_prob = torch.where(stop_now, torch.log(p_stop), torch.log1p(-p_stop))
+        records.append(
+            {
+                "train_loss": torch.where(active, loss, torch.nan),
+                "stop_probability": torch.where(active, p_stop, torch.nan),
+                "decision_log_prob": torch.where(decided, log_prob, 0.0),
+                "decided": decided,
+                "stopped": stop_now,
+                "alpha_mean": _segment_means(alpha, sizes),
+                "beta_mean": _segment_means(beta, sizes),
+            }
+        )
+        steps = steps + keep.long()
+        active = keep
+        if not bool(active.any()):
+            break
+    if test is not None:
+        with torch.no_grad():
+            test_losses.append(batched_loss(theta.detach(), test))
+
+    stacked = {name: torch.stack([r[name] for r in records], dim=1) for name in records[0]}
+    return AdaptResult(
+        theta=theta,
+        steps=steps,
+        stopped_by_controller=stacked["stopped"].any(dim=1),
+        train_loss=stacked["train_loss"],
+        stop_probability=stacked["stop_probability"],
+        decision_log_prob=stacked["decision_log_prob"],
+        decided=stacked["decided"],
+        alpha_mean=stacked["alpha_mean"],
+        beta_mean=stacked["beta_mean"],
+        test_loss=torch.stack(test_losses, dim=1) if test is not None else None,
+    )
+
+
+def _segment_means(values: Tensor, sizes: list[int]) -> Tensor:
+    """[S, K] mean of [S, n] over each parameter tensor's segment."""
+    return torch.stack([part.mean(dim=1) for part in torch.split(values, sizes, dim=1)], dim=1)
+
+
+@functools.cache
+def _compiled_update_gates() -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]:
+    return torch.compile(update_gates)
+
+
+def triples_loss(
+    config: LearnerConfig,
+    layout: ParamLayout,
+    tables: Tables,
+    flat: Tensor,
+    triples: dict[str, Tensor],
+) -> Tensor:
+    """Hinge loss of one scenario's flat parameters [n] on its triples [M]."""
+    return hinge_loss(
+        config.recommender,
+        layout.unflatten(flat),
+        tables.user[triples["users"]],
+        tables.item[triples["positives"]],
+        tables.item[triples["negatives"]],
+        triples["positive_pop"],
+        triples["negative_pop"],
+    )

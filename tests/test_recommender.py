@@ -1,0 +1,80 @@
+"""The recommender variants and triple sampling."""
+
+import numpy as np
+import pytest
+import torch
+
+from model.params import ParamLayout
+from model.recommender import RecommenderSpec, init_params, score, score_pool
+from model.sampling import pool_popularity, sample_triples
+
+
+def test_interaction_variant_has_the_reference_parameter_count():
+    params = init_params(RecommenderSpec("interaction", 64), torch.Generator().manual_seed(0))
+    assert ParamLayout.of(params).numel == 10_881  # 128 -> 64 -> 32 -> 16 -> 1
+
+
+@pytest.mark.parametrize("variant", ["mapping", "hybrid"])
+def test_mapping_and_hybrid_start_as_the_dot_product(variant):
+    spec = RecommenderSpec(variant, 8)
+    params = init_params(spec, torch.Generator().manual_seed(0))
+    users, items = torch.randn(5, 8), torch.randn(5, 8)
+    dot = (users * items).sum(-1)
+    torch.testing.assert_close(
+        score(spec, params, users, items, torch.zeros(5)), dot, atol=0.05, rtol=0.0
+    )
+
+
+def test_hybrid_uses_popularity_through_its_weight():
+    spec = RecommenderSpec("hybrid", 8)
+    params = init_params(spec, torch.Generator().manual_seed(0))
+    users, items, pop = torch.randn(4, 8), torch.randn(4, 8), torch.tensor([0.0, 1.0, 2.0, 3.0])
+    base = score(spec, params, users, items, pop)
+    params["pop_weight"] = torch.tensor(0.5)
+    torch.testing.assert_close(score(spec, params, users, items, pop) - base, 0.5 * pop)
+
+
+@pytest.mark.parametrize("variant", ["interaction", "mapping", "hybrid"])
+def test_score_pool_equals_pairwise_scores(variant):
+    spec = RecommenderSpec(variant, 8)
+    params = init_params(spec, torch.Generator().manual_seed(0))
+    users, pool, pop = torch.randn(3, 8), torch.randn(7, 8), torch.rand(7)
+    matrix = score_pool(spec, params, users, pool, pop)
+    for u in range(3):
+        expected = score(spec, params, users[u].expand(7, 8), pool, pop)
+        torch.testing.assert_close(matrix[u], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_triples_negatives_come_from_the_pool_and_are_not_positives():
+    rng = np.random.default_rng(0)
+    pool = np.arange(10, 30)
+    users = np.array([0, 0, 0, 1, 1, 2])
+    items = np.array([10, 11, 12, 10, 13, 29])
+    triples = sample_triples(users, items, pool, (50, 16), rng)
+    assert triples.users.shape == (50, 16)
+    positives = set(zip(users.tolist(), items.tolist(), strict=True))
+    for u, pos, neg in zip(
+        triples.users.flatten().tolist(),
+        triples.positives.flatten().tolist(),
+        triples.negatives.flatten().tolist(),
+        strict=True,
+    ):
+        assert (u, pos) in positives
+        assert neg in set(pool.tolist()) and (u, neg) not in positives
+
+
+def test_popularity_leaves_the_positive_itself_out():
+    rng = np.random.default_rng(0)
+    pool = np.arange(5)
+    users = np.array([0, 1, 2, 3])
+    items = np.array([0, 0, 0, 1])  # item 0 three times, item 1 once
+    triples = sample_triples(users, items, pool, (200,), rng)
+    expected = {0: np.log1p(2.0), 1: 0.0}
+    for pos, pop in zip(triples.positives.tolist(), triples.positive_pop.tolist(), strict=True):
+        assert pop == pytest.approx(expected[pos])
+    np.testing.assert_allclose(pool_popularity(items, pool), np.log1p([3, 1, 0, 0, 0]))
+
+
+def test_training_items_outside_the_pool_are_refused():
+    with pytest.raises(ValueError, match="pool"):
+        sample_triples(np.array([0]), np.array([99]), np.arange(5), (4,), np.random.default_rng(0))
