@@ -15,8 +15,8 @@ from meta_training.config import EmbeddingConfig, ProtocolConfig, ScenarioSelect
 from meta_training.dataset import INTERACTIONS_CSV, ITEM_SCENARIOS_CSV, load_dataset
 from meta_training.errors import S2MetaError, SettingsError
 from meta_training.evaluate import evaluate, write_results
-from meta_training.methods import METHODS
 from meta_training.prepare import Prepared, prepare
+from meta_training.registry import METHODS
 
 EXIT_USAGE = 2
 PREPARE_STAGES = 4  # read, protocol, pretrain, save (or: read, load cache)

@@ -2,6 +2,7 @@
 plain pydantic models for the protocol and the embeddings (saved with what they produce)."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -65,3 +66,33 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="S2META_", extra="ignore")
 
     cache_dir: Path = Path.home() / ".cache" / "s2meta"
+
+
+class MetaTrainConfig(BaseModel):
+    """Meta-training (the paper's Algorithm 1) and the learner it trains."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    variant: Literal["interaction", "mapping", "hybrid"] = "hybrid"
+    iterations: int = Field(600, ge=1)
+    meta_batch: int = Field(8, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    # Episodes: training-set size (the few-shot size) and held-out test triples.
+    support_size: int = Field(64, ge=1)
+    test_size: int = Field(256, ge=1)
+    valid_every: int = Field(100, ge=1)
+    # The learner.
+    batch_size: int = Field(128, ge=1)
+    min_steps: int = Field(4, ge=0)
+    max_steps: int = Field(20, ge=1)
+    controller_hidden: int = Field(16, ge=1)
+    # Ablations: RandInit (learn_init False), FixedLr (update_rule "sgd"), FixedStep
+    # (stop_rule "max_steps"); MAML-style is learn_init with "sgd" and "max_steps".
+    learn_init: bool = True
+    update_rule: Literal["learned", "sgd"] = "learned"
+    sgd_lr: float = Field(0.01, gt=0)
+    stop_rule: Literal["learned", "max_steps"] = "learned"
+    # REINFORCE baseline: exponential moving average of the reward.
+    baseline_decay: float = Field(0.9, ge=0, lt=1)
+    compiled: bool = False

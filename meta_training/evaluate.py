@@ -8,24 +8,15 @@ from typing import Literal
 
 import numpy as np
 
-from meta_training.methods import METHODS
+from meta_training.config import MetaTrainConfig
+from meta_training.methods import MethodContext
 from meta_training.metrics import METRICS, mean_and_ci, scenario_metrics
 from meta_training.prepare import Prepared
-from meta_training.protocol import Benchmark, EvaluationTask
+from meta_training.protocol import ground_truth
+from meta_training.registry import METHODS
 
 # One bootstrap seed for every method, so their intervals resample the same scenarios.
 BOOTSTRAP_SEED = 20190804
-
-
-def ground_truth(benchmark: Benchmark, task: EvaluationTask) -> tuple[np.ndarray, np.ndarray]:
-    """The evaluation users [U] and their ground truth over the pool [U, P] (bool)."""
-    data = benchmark.data
-    position = np.full(data.num_items, -1, dtype=np.int64)
-    position[task.pool] = np.arange(len(task.pool))
-    users, user_rows = np.unique(data.users[task.eval_rows], return_inverse=True)
-    truth = np.zeros((len(users), len(task.pool)), dtype=bool)
-    truth[user_rows, position[data.items[task.eval_rows]]] = True
-    return users, truth
 
 
 def method_rng(seed: int, method: str, scenario_id: str) -> np.random.Generator:
@@ -39,11 +30,15 @@ def evaluate(
     methods: list[str],
     advance: Callable[[str], None] = lambda label: None,
     split: Literal["valid", "test"] = "test",
+    training: MetaTrainConfig | None = None,
 ) -> dict[str, object]:
     """Results shaped as README 'results.json'; `advance` is called after each (seed, method).
 
     `split="valid"` scores the meta-valid scenarios instead, for model selection.
+    `training` configures the meta-trained methods (their variant and ablation settings are
+    set per method on top of it).
     """
+    training = training or MetaTrainConfig()
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
@@ -52,10 +47,11 @@ def evaluate(
     }
     for run in prepared:
         benchmark = run.benchmark
+        context = MethodContext(benchmark, run.embeddings, training)
         tasks = getattr(benchmark, split)
         truths = [ground_truth(benchmark, task) for task in tasks]
         for method in methods:
-            scorer = METHODS[method](benchmark, run.embeddings)
+            scorer = METHODS[method](context)
             rows = []
             for task, (users, truth) in zip(tasks, truths, strict=True):
                 rng = method_rng(benchmark.seed, method, task.scenario_id)

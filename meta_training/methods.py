@@ -1,12 +1,17 @@
-"""Scoring methods compared on the benchmark. Each factory may fit on the benchmark's
-meta-train and meta-valid parts and returns a scorer for meta-test scenarios; none of them
-sees a meta-test evaluation interaction."""
+"""Scoring methods compared on the benchmark, and the baselines that need no training.
+
+Each factory receives a `MethodContext`, may fit on the benchmark's meta-train and
+meta-valid parts, and returns a scorer for evaluation scenarios; none of them sees an
+evaluation interaction.
+"""
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from meta_training.config import MetaTrainConfig
 from meta_training.embeddings import Embeddings
 from meta_training.protocol import Benchmark, EvaluationTask
 
@@ -19,25 +24,37 @@ class Scorer(Protocol):
         ...
 
 
-MethodFactory = Callable[[Benchmark, Embeddings], Scorer]
+@dataclass
+class MethodContext:
+    """What a method may use for one seed; `memo` shares fitted models between methods of
+    one evaluation run (e.g. the ablations reuse the variant that s2meta chose)."""
+
+    benchmark: Benchmark
+    embeddings: Embeddings
+    training: MetaTrainConfig
+    memo: dict[str, object] = field(default_factory=dict)
 
 
-def _random(benchmark: Benchmark, embeddings: Embeddings) -> Scorer:
+MethodFactory = Callable[[MethodContext], Scorer]
+
+
+def random_method(context: MethodContext) -> Scorer:
     def score(task: EvaluationTask, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return rng.random((len(users), len(task.pool)))
 
     return score
 
 
-def _itempop(benchmark: Benchmark, embeddings: Embeddings) -> Scorer:
+def itempop(context: MethodContext) -> Scorer:
     """Popularity among the scenario's support interactions (the only in-scenario signal).
 
     Most pool items have no support interaction; their ties are broken by the items' visible
     interaction count (their history outside the new scenario), then at random. Index order
     would be a hidden popularity signal: item ids follow first appearance in the data.
     """
-    data = benchmark.data
-    visible_counts = np.bincount(data.items[benchmark.visible], minlength=data.num_items)
+    data = context.benchmark.data
+    visible = context.benchmark.visible
+    visible_counts = np.bincount(data.items[visible], minlength=data.num_items)
     # Strictly below 1, so it orders items only within one support count.
     tie_break = visible_counts / (visible_counts.max() + 1.0)
 
@@ -49,8 +66,9 @@ def _itempop(benchmark: Benchmark, embeddings: Embeddings) -> Scorer:
     return score
 
 
-def _mf_dot(benchmark: Benchmark, embeddings: Embeddings) -> Scorer:
+def mf_dot(context: MethodContext) -> Scorer:
     """The pretrained embeddings' dot product, with no scenario adaptation."""
+    embeddings = context.embeddings
 
     def score(task: EvaluationTask, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return embeddings.user[users] @ embeddings.item[task.pool].T  # [U, P]
@@ -58,8 +76,8 @@ def _mf_dot(benchmark: Benchmark, embeddings: Embeddings) -> Scorer:
     return score
 
 
-METHODS: dict[str, MethodFactory] = {
-    "random": _random,
-    "itempop": _itempop,
-    "mf_dot": _mf_dot,
+BASELINES: dict[str, MethodFactory] = {
+    "random": random_method,
+    "itempop": itempop,
+    "mf_dot": mf_dot,
 }

@@ -5,7 +5,6 @@ Interactions are referred to by row index into `InteractionData`, so "this inter
 reaches pretraining" is a statement about a boolean mask that tests can check directly.
 """
 
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +12,7 @@ import numpy as np
 from meta_training.config import ProtocolConfig, ScenarioSelection
 from meta_training.dataset import InteractionData
 from meta_training.errors import SettingsError
+from model.scenario import scenario_rng
 
 SPLITS = ("train", "valid", "test")
 
@@ -99,11 +99,6 @@ def select_scenarios(data: InteractionData, selection: ScenarioSelection) -> lis
             "at least 3 are needed for meta-train, meta-valid and meta-test"
         )
     return chosen
-
-
-def scenario_rng(seed: int, scenario_id: str) -> np.random.Generator:
-    """Per-scenario randomness that does not depend on the order scenarios are visited in."""
-    return np.random.default_rng([seed, zlib.crc32(scenario_id.encode())])
 
 
 def build_benchmark(data: InteractionData, config: ProtocolConfig, seed: int) -> Benchmark:
@@ -286,3 +281,14 @@ def _union(row_sets: list[np.ndarray], size: int) -> np.ndarray:
 
 def _mean(values: list[int]) -> float:
     return float(np.mean(values)) if values else 0.0
+
+
+def ground_truth(benchmark: Benchmark, task: EvaluationTask) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluation users [U] and their ground truth over the pool [U, P] (bool)."""
+    data = benchmark.data
+    position = np.full(data.num_items, -1, dtype=np.int64)
+    position[task.pool] = np.arange(len(task.pool))
+    users, user_rows = np.unique(data.users[task.eval_rows], return_inverse=True)
+    truth = np.zeros((len(users), len(task.pool)), dtype=bool)
+    truth[user_rows, position[data.items[task.eval_rows]]] = True
+    return users, truth

@@ -45,8 +45,13 @@ def sample_triples(
     pool: np.ndarray,
     shape: tuple[int, ...],
     rng: np.random.Generator,
+    popularity_items: np.ndarray | None = None,
 ) -> Triples:
-    """Triples of the given leading shape (e.g. (steps, N)); pool must be sorted."""
+    """Triples of the given leading shape (e.g. (steps, N)); pool must be sorted.
+
+    Popularity comes from the sampled interactions themselves (each positive leaving itself
+    out) or, for held-out triples, from `popularity_items` (the scenario's training items).
+    """
     if len(train_users) == 0:
         raise ValueError("a scenario needs at least one training interaction")
     if len(pool) < 2:
@@ -57,8 +62,9 @@ def sample_triples(
     users, positives = train_users[picks], train_items[picks]
     negatives = _negatives(train_users, train_items, users, pool, rng)
 
-    counts = np.expm1(pool_popularity(train_items, pool))
-    positive_counts = counts[np.searchsorted(pool, positives)] - 1.0  # leave itself out
+    own = popularity_items is None
+    counts = np.expm1(pool_popularity(train_items if own else popularity_items, pool))
+    positive_counts = counts[np.searchsorted(pool, positives)] - (1.0 if own else 0.0)
     negative_counts = counts[np.searchsorted(pool, negatives)]
     return Triples(
         users=torch.as_tensor(users, dtype=torch.long),

@@ -5,10 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meta_training.config import EmbeddingConfig, ProtocolConfig
-from meta_training.evaluate import evaluate, ground_truth, results_markdown, write_results
-from meta_training.methods import METHODS
+from meta_training.config import EmbeddingConfig, MetaTrainConfig, ProtocolConfig
+from meta_training.evaluate import evaluate, results_markdown, write_results
+from meta_training.methods import MethodContext
 from meta_training.prepare import prepare
+from meta_training.protocol import ground_truth
+from meta_training.registry import METHODS
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-lastfm"
 
@@ -38,7 +40,9 @@ def test_itempop_ranks_support_popularity_then_visible_popularity(prepared):
     benchmark, embeddings = prepared[0].benchmark, prepared[0].embeddings
     data = benchmark.data
     task = benchmark.test[0]
-    scores = METHODS["itempop"](benchmark, embeddings)(task, np.arange(3), None)
+    scores = METHODS["itempop"](MethodContext(benchmark, embeddings, MetaTrainConfig()))(
+        task, np.arange(3), None
+    )
     assert scores.shape == (3, len(task.pool))
     support = np.bincount(data.items[task.support_rows], minlength=data.num_items)[task.pool]
     visible = np.bincount(data.items[benchmark.visible], minlength=data.num_items)[task.pool]
@@ -53,7 +57,9 @@ def test_mf_dot_is_the_embedding_dot_product(prepared):
     benchmark, embeddings = prepared[0].benchmark, prepared[0].embeddings
     task = benchmark.test[0]
     users = np.array([0, 5, 9])
-    scores = METHODS["mf_dot"](benchmark, embeddings)(task, users, None)
+    scores = METHODS["mf_dot"](MethodContext(benchmark, embeddings, MetaTrainConfig()))(
+        task, users, None
+    )
     expected = np.einsum("ud,pd->up", embeddings.user[users], embeddings.item[task.pool])
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
 

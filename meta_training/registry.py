@@ -1,0 +1,6 @@
+"""Every method `s2meta evaluate` knows, by name."""
+
+from meta_training.learned_methods import LEARNED
+from meta_training.methods import BASELINES, MethodFactory
+
+METHODS: dict[str, MethodFactory] = {**BASELINES, **LEARNED}

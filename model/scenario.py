@@ -1,0 +1,90 @@
+"""Adapting real scenarios: from a scenario's few interactions to adapted parameters and
+scores over its pool. Shared by evaluation and the service, so both adapt identically.
+
+Randomness (the triples and the stop draws) comes from a generator seeded by (seed,
+scenario id), so a scenario's adaptation does not depend on what else is in the batch.
+"""
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model.learner import AdaptResult, LearnerConfig, Tables, adapt, layout_of
+from model.params import Params
+from model.recommender import score_pool
+from model.sampling import Triples, pool_popularity, sample_triples
+
+
+@dataclass(frozen=True)
+class ScenarioInput:
+    """Embedding-table rows: the scenario's interactions (users, items) and its pool."""
+
+    scenario_id: str
+    users: np.ndarray  # [m]
+    items: np.ndarray  # [m], each in pool
+    pool: np.ndarray  # [P] sorted unique
+
+
+def scenario_rng(seed: int, scenario_id: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(scenario_id.encode())])
+
+
+def stack_triples(parts: Sequence[Triples]) -> dict[str, Tensor]:
+    return {name: torch.stack([getattr(p, name) for p in parts]) for name in parts[0].as_dict()}
+
+
+def adapt_scenarios(
+    meta: Params,
+    config: LearnerConfig,
+    tables: Tables,
+    scenarios: Sequence[ScenarioInput],
+    seed: int,
+    *,
+    compiled: bool = False,
+) -> AdaptResult:
+    """Adapt every scenario at once (one vmapped batch)."""
+    train, uniforms = [], []
+    for scenario in scenarios:
+        rng = scenario_rng(seed, scenario.scenario_id)
+        train.append(
+            sample_triples(
+                scenario.users,
+                scenario.items,
+                scenario.pool,
+                (config.max_steps, config.batch_size),
+                rng,
+            )
+        )
+        uniforms.append(torch.as_tensor(rng.random(config.max_steps), dtype=torch.float32))
+    with torch.no_grad():
+        return adapt(
+            meta, config, tables, stack_triples(train), torch.stack(uniforms), compiled=compiled
+        )
+
+
+def score_scenario(
+    config: LearnerConfig,
+    theta: Tensor,
+    tables: Tables,
+    scenario: ScenarioInput,
+    users: np.ndarray,
+    chunk: int = 256,
+) -> Tensor:
+    """[U, P] scores of users (table rows) over the scenario's pool, theta [n] adapted."""
+    params = layout_of(config).unflatten(theta)
+    pool = torch.as_tensor(scenario.pool, dtype=torch.long)
+    pool_pop = torch.as_tensor(pool_popularity(scenario.items, scenario.pool))
+    rows = torch.as_tensor(users, dtype=torch.long)
+    with torch.no_grad():
+        return torch.cat(
+            [
+                score_pool(
+                    config.recommender, params, tables.user[part], tables.item[pool], pool_pop
+                )
+                for part in torch.split(rows, chunk)
+            ]
+        )
