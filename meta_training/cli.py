@@ -2,7 +2,6 @@
 line or setting and exit with code 2; nothing else is written when that happens."""
 
 import argparse
-import csv
 import json
 import sys
 from collections.abc import Sequence
@@ -11,12 +10,21 @@ from pathlib import Path
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from meta_training.config import EmbeddingConfig, ProtocolConfig, ScenarioSelection, Settings
-from meta_training.dataset import INTERACTIONS_CSV, ITEM_SCENARIOS_CSV, load_dataset
+from meta_training.config import (
+    EmbeddingConfig,
+    MetaTrainConfig,
+    ProtocolConfig,
+    ScenarioSelection,
+    Settings,
+)
+from meta_training.dataset import load_dataset, write_tabular
 from meta_training.errors import S2MetaError, SettingsError
 from meta_training.evaluate import evaluate, write_results
 from meta_training.prepare import Prepared, prepare
 from meta_training.registry import METHODS
+from meta_training.train_job import AUTO, resolve_device, train_artifact
+from model.artifact import publish
+from model.errors import RecommenderError
 
 EXIT_USAGE = 2
 PREPARE_STAGES = 4  # read, protocol, pretrain, save (or: read, load cache)
@@ -27,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except S2MetaError as error:
+    except (S2MetaError, RecommenderError) as error:
         print(f"s2meta: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except ValidationError as error:
@@ -64,6 +72,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate_cmd.set_defaults(run=_run_evaluate)
 
+    train_cmd = commands.add_parser(
+        "train", help="meta-train on a dataset and write an unpublished artifact"
+    )
+    _add_data_options(train_cmd)
+    _add_training_options(train_cmd)
+    train_cmd.add_argument("--out", type=Path, required=True, help="artifact directory")
+    train_cmd.add_argument("--seed", type=int, default=0, help="split and training seed")
+    train_cmd.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    train_cmd.add_argument(
+        "--variant",
+        default=AUTO,
+        help="interaction, mapping, hybrid, or auto: train all three and keep the best on "
+        "meta-valid Recall@20 (default auto)",
+    )
+    train_cmd.set_defaults(run=_run_train)
+
+    publish_cmd = commands.add_parser(
+        "publish", help="publish an artifact into a registry; prints the version"
+    )
+    publish_cmd.add_argument("artifact", type=Path, help="directory written by s2meta train")
+    publish_cmd.add_argument("--registry", type=Path, required=True, help="registry directory")
+    publish_cmd.set_defaults(run=_run_publish)
+
     export_cmd = commands.add_parser(
         "export-tabular", help="write a dataset in the tabular form (interactions.csv, ...)"
     )
@@ -94,6 +125,34 @@ def _add_data_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--eval-user-share", type=float, default=defaults.eval_user_share)
     command.add_argument("--episode-share", type=float, default=defaults.episode_share)
     command.add_argument("--embedding-dim", type=int, default=embedding.dim)
+
+
+def _add_training_options(command: argparse.ArgumentParser) -> None:
+    defaults = MetaTrainConfig()
+    command.add_argument(
+        "--max-steps",
+        type=int,
+        default=defaults.iterations,
+        help=f"meta-training steps (default {defaults.iterations})",
+    )
+    command.add_argument("--meta-batch", type=int, default=defaults.meta_batch)
+    command.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    command.add_argument("--valid-every", type=int, default=defaults.valid_every)
+    command.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the update controller through torch.compile (faster after ~30 s compiling)",
+    )
+
+
+def _training(args: argparse.Namespace) -> MetaTrainConfig:
+    return MetaTrainConfig(
+        iterations=args.max_steps,
+        meta_batch=args.meta_batch,
+        learning_rate=args.learning_rate,
+        valid_every=min(args.valid_every, args.max_steps),
+        compiled=args.compile,
+    )
 
 
 def _configs(args: argparse.Namespace) -> tuple[ProtocolConfig, EmbeddingConfig, Path]:
@@ -162,6 +221,33 @@ def _format_summary(summary: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def _run_train(args: argparse.Namespace) -> int:
+    protocol, embedding, cache_dir = _configs(args)
+    training = _training(args)
+    device = resolve_device(args.device)
+    prepared = _prepare_with_progress(args, args.seed, protocol, embedding, cache_dir)
+    variants = 3 if args.variant == AUTO else 1
+    with tqdm(total=variants * training.iterations, desc="meta-train", unit="step") as bar:
+
+        def progress(variant: str, step: int, stats: dict[str, float]) -> None:
+            bar.set_postfix_str(f"{variant} test loss {stats['test_loss']:.3f}")
+            bar.update(1)
+
+        metrics = train_artifact(prepared, training, args.variant, args.out, device, progress)
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics["valid_recall@20"].items())
+    print(
+        f"meta-valid Recall@20: {scores}; kept {metrics['variant']} (step {metrics['best_step']})"
+    )
+    print(f"wrote artifact {args.out}")
+    return 0
+
+
+def _run_publish(args: argparse.Namespace) -> int:
+    version = publish(args.artifact, args.registry)
+    print(version)
+    return 0
+
+
 def _parse_seeds(text: str) -> list[int]:
     try:
         if "," in text:
@@ -203,23 +289,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _run_export(args: argparse.Namespace) -> int:
     data = load_dataset(args.data)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / INTERACTIONS_CSV).open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["user", "item", "timestamp"])
-        # Rows are sorted by user then time; a user's position in their sequence is the time.
-        starts = {}
-        for row, (user, item) in enumerate(
-            zip(data.users.tolist(), data.items.tolist(), strict=True)
-        ):
-            position = row - starts.setdefault(user, row)
-            writer.writerow([data.user_ids[user], data.item_ids[item], position])
-    with (args.out / ITEM_SCENARIOS_CSV).open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["item", "scenario"])
-        for scenario, pool in zip(data.scenario_ids, data.scenario_pools, strict=True):
-            for item in pool.tolist():
-                writer.writerow([data.item_ids[item], scenario])
+    write_tabular(data, args.out)
     print(
         json.dumps(
             {

@@ -175,6 +175,26 @@ def _decoding(path: Path) -> Iterator[None]:
         raise DataError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from error
 
 
+def write_tabular(data: InteractionData, directory: Path) -> None:
+    """Write `data` in the tabular form; a user's position in their history is the time."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / INTERACTIONS_CSV).open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["user", "item", "timestamp"])
+        starts: dict[int, int] = {}
+        for row, (user, item) in enumerate(
+            zip(data.users.tolist(), data.items.tolist(), strict=True)
+        ):
+            position = row - starts.setdefault(user, row)  # rows are sorted by user, time
+            writer.writerow([data.user_ids[user], data.item_ids[item], position])
+    with (directory / ITEM_SCENARIOS_CSV).open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["item", "scenario"])
+        for scenario, pool in zip(data.scenario_ids, data.scenario_pools, strict=True):
+            for item in pool.tolist():
+                writer.writerow([data.item_ids[item], scenario])
+
+
 def _read_csv(path: Path, headers: tuple[list[str], ...]) -> list[tuple[int, list[str]]]:
     """Rows with their line numbers, after checking the header and every row's shape."""
     # utf-8-sig: spreadsheet programs write a byte-order mark before the header.

@@ -60,6 +60,7 @@ def episode_batch(
     support_size: int,
     test_size: int,
     rng: np.random.Generator,
+    device: torch.device | None = None,
 ) -> EpisodeBatch:
     train, test, uniforms = [], [], []
     for task in tasks:
@@ -84,7 +85,9 @@ def episode_batch(
             )
         )
         uniforms.append(torch.as_tensor(rng.random(config.max_steps), dtype=torch.float32))
-    return EpisodeBatch(stack_triples(train), stack_triples(test), torch.stack(uniforms))
+    return EpisodeBatch(
+        stack_triples(train, device), stack_triples(test, device), torch.stack(uniforms).to(device)
+    )
 
 
 def support_input(benchmark: Benchmark, task: EvaluationTask) -> ScenarioInput:

@@ -58,8 +58,10 @@ def learner_config(config: MetaTrainConfig, embedding_dim: int) -> LearnerConfig
     )
 
 
-def tables_of(embeddings: Embeddings) -> Tables:
-    return Tables(torch.from_numpy(embeddings.user), torch.from_numpy(embeddings.item))
+def tables_of(embeddings: Embeddings, device: torch.device | str = "cpu") -> Tables:
+    return Tables(
+        torch.from_numpy(embeddings.user).to(device), torch.from_numpy(embeddings.item).to(device)
+    )
 
 
 def trainable_names(meta: Params, config: MetaTrainConfig) -> list[str]:
@@ -83,9 +85,10 @@ def meta_train(
     seed: int,
     checkpoint_dir: Path | None = None,
     progress: Callable[[int, dict[str, float]], None] = lambda step, stats: None,
+    device: torch.device | str = "cpu",
 ) -> TrainedLearner:
     learner = learner_config(config, embeddings.user.shape[1])
-    tables = tables_of(embeddings)
+    tables = tables_of(embeddings, device)
     tasks = usable_episode_tasks(benchmark)
     if not tasks:
         raise SettingsError(
@@ -94,7 +97,7 @@ def meta_train(
         )
     torch.manual_seed(seed)  # entry point: nothing below draws from the global generator
     meta = {
-        name: value.requires_grad_(True)
+        name: value.to(device).requires_grad_(True)
         for name, value in init_meta_params(learner, torch.Generator().manual_seed(seed)).items()
     }
     names = trainable_names(meta, config)
@@ -107,7 +110,7 @@ def meta_train(
     best = {name: value.detach().clone() for name, value in meta.items()}
     checkpoint = checkpoint_dir / CHECKPOINT if checkpoint_dir is not None else None
     if checkpoint is not None and checkpoint.is_file():
-        saved = torch.load(checkpoint, weights_only=False)
+        saved = torch.load(checkpoint, weights_only=False, map_location=device)
         if saved["config"] == config.model_dump() and saved["seed"] == seed:
             with torch.no_grad():
                 for name, value in saved["meta"].items():
@@ -123,7 +126,7 @@ def meta_train(
         rng = np.random.default_rng([seed, step])
         chosen = [tasks[i] for i in rng.choice(len(tasks), size=config.meta_batch)]
         batch = episode_batch(
-            benchmark, chosen, learner, config.support_size, config.test_size, rng
+            benchmark, chosen, learner, config.support_size, config.test_size, rng, device
         )
         result = adapt(
             meta,
@@ -164,6 +167,7 @@ def meta_train(
             if checkpoint is not None:
                 _save_checkpoint(checkpoint, config, seed, meta, optimizer, best, state)
 
+    best = {name: value.cpu() for name, value in best.items()}
     return TrainedLearner(
         best, learner, config, state["best_step"], state["best_score"], state["history"]
     )
@@ -190,7 +194,8 @@ def valid_recall(
     recalls = []
     for index, (task, scenario) in enumerate(zip(tasks, scenarios, strict=True)):
         users, truth = ground_truth(benchmark, task)
-        scores = score_scenario(learner, result.theta[index], tables, scenario, users).numpy()
+        scores = score_scenario(learner, result.theta[index], tables, scenario, users)
+        scores = scores.cpu().numpy()
         rng = np.random.default_rng([seed, index])
         recalls.append(scenario_metrics(scores, truth, rng)["recall@20"])
     return float(np.mean(recalls))

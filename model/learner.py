@@ -117,8 +117,8 @@ def adapt(
     cell = torch.zeros_like(hidden)
     stop_hidden = theta.new_zeros(num_scenarios, config.stop_hidden)
     stop_cell = torch.zeros_like(stop_hidden)
-    active = torch.ones(num_scenarios, dtype=torch.bool)
-    steps = torch.zeros(num_scenarios, dtype=torch.long)
+    active = torch.ones(num_scenarios, dtype=torch.bool, device=theta.device)
+    steps = torch.zeros(num_scenarios, dtype=torch.long, device=theta.device)
     gates_fn = _compiled_update_gates() if compiled else update_gates
 
     # The recommender's loss and gradient depend on each scenario's own parameters: vmap.

@@ -33,8 +33,14 @@ def scenario_rng(seed: int, scenario_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(scenario_id.encode())])
 
 
-def stack_triples(parts: Sequence[Triples]) -> dict[str, Tensor]:
-    return {name: torch.stack([getattr(p, name) for p in parts]) for name in parts[0].as_dict()}
+def stack_triples(
+    parts: Sequence[Triples], device: torch.device | None = None
+) -> dict[str, Tensor]:
+    """Triples of S scenarios stacked along a new first dimension, on `device`."""
+    return {
+        name: torch.stack([getattr(p, name) for p in parts]).to(device)
+        for name in parts[0].as_dict()
+    }
 
 
 def adapt_scenarios(
@@ -61,8 +67,14 @@ def adapt_scenarios(
         )
         uniforms.append(torch.as_tensor(rng.random(config.max_steps), dtype=torch.float32))
     with torch.no_grad():
+        device = tables.user.device
         return adapt(
-            meta, config, tables, stack_triples(train), torch.stack(uniforms), compiled=compiled
+            meta,
+            config,
+            tables,
+            stack_triples(train, device),
+            torch.stack(uniforms).to(device),
+            compiled=compiled,
         )
 
 
@@ -74,11 +86,13 @@ def score_scenario(
     users: np.ndarray,
     chunk: int = 256,
 ) -> Tensor:
-    """[U, P] scores of users (table rows) over the scenario's pool, theta [n] adapted."""
+    """[U, P] scores (on the tables' device) of users (table rows) over the scenario's pool,
+    theta [n] adapted."""
     params = layout_of(config).unflatten(theta)
-    pool = torch.as_tensor(scenario.pool, dtype=torch.long)
-    pool_pop = torch.as_tensor(pool_popularity(scenario.items, scenario.pool))
-    rows = torch.as_tensor(users, dtype=torch.long)
+    device = tables.user.device
+    pool = torch.as_tensor(scenario.pool, dtype=torch.long, device=device)
+    pool_pop = torch.as_tensor(pool_popularity(scenario.items, scenario.pool), device=device)
+    rows = torch.as_tensor(users, dtype=torch.long, device=device)
     with torch.no_grad():
         return torch.cat(
             [

@@ -1,0 +1,74 @@
+"""`s2meta train`: prepare, meta-train (choosing the variant on meta-valid when asked), and
+write an unpublished artifact."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from meta_training.config import MetaTrainConfig
+from meta_training.errors import SettingsError
+from meta_training.meta_train import TrainedLearner, meta_train, tables_of
+from meta_training.prepare import Prepared
+from model.artifact import Artifact, save_artifact
+from model.recommender import VARIANTS
+
+AUTO = "auto"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SettingsError("--device cuda: no CUDA device is available here")
+    if name not in ("cpu", "cuda"):
+        raise SettingsError(f"--device {name!r}: expected cpu or cuda")
+    return torch.device(name)
+
+
+def train_artifact(
+    prepared: Prepared,
+    training: MetaTrainConfig,
+    variant: str,
+    out: Path,
+    device: torch.device,
+    progress: Callable[[str, int, dict[str, float]], None],
+) -> dict[str, object]:
+    """Meta-train and save an artifact to `out`; returns its metrics."""
+    variants = list(VARIANTS) if variant == AUTO else [variant]
+    if not set(variants) <= set(VARIANTS):
+        raise SettingsError(f"--variant {variant!r}: expected auto or one of {list(VARIANTS)}")
+    benchmark = prepared.benchmark
+    results: dict[str, TrainedLearner] = {}
+    for name in variants:
+        results[name] = meta_train(
+            benchmark,
+            prepared.embeddings,
+            training.model_copy(update={"variant": name}),
+            seed=benchmark.seed,
+            checkpoint_dir=out / "checkpoints" / name,
+            progress=lambda step, stats, name=name: progress(name, step, stats),
+            device=device,
+        )
+    chosen = max(results, key=lambda name: results[name].best_valid_recall)
+    best = results[chosen]
+    metrics = {
+        "dataset": benchmark.data.name,
+        "seed": benchmark.seed,
+        "variant": chosen,
+        "valid_recall@20": {name: r.best_valid_recall for name, r in results.items()},
+        "best_step": best.best_step,
+        "history": best.history,
+        "training": best.config.model_dump(),
+        "benchmark": benchmark.summary(),
+    }
+    save_artifact(
+        Artifact(
+            meta=best.meta,
+            learner=best.learner,
+            tables=tables_of(prepared.embeddings),
+            user_ids=benchmark.data.user_ids,
+            item_ids=benchmark.data.item_ids,
+            metrics=metrics,
+        ),
+        out,
+    )
+    return metrics

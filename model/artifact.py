@@ -1,0 +1,168 @@
+"""The meta-learner artifact: everything serving needs, nothing of training.
+
+A directory:
+- `meta_learner.safetensors`: omega (initial parameters, update and stop controllers);
+- `embeddings.safetensors`: the fixed user and item embeddings;
+- `ids.json`: user and item ids in table order;
+- `config.json`: format version and the learner configuration;
+- `metrics.json`: what training measured (meta-valid Recall@20, ...);
+- `manifest.json`: sha256 and size of every file above, written last.
+
+A registry is a directory of published versions, `versions/<version>/`, and a `current`
+file naming one; publishing copies the artifact in under a temporary name, renames it into
+place, and only then replaces `current` (atomically), so readers never see a partial one.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from model.errors import ArtifactError
+from model.learner import LearnerConfig, Tables
+from model.params import Params
+from model.recommender import RecommenderSpec
+
+FORMAT_VERSION = 1
+FILES = (
+    "meta_learner.safetensors",
+    "embeddings.safetensors",
+    "ids.json",
+    "config.json",
+    "metrics.json",
+)
+MANIFEST = "manifest.json"
+CURRENT = "current"
+VERSIONS = "versions"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    meta: Params
+    learner: LearnerConfig
+    tables: Tables
+    user_ids: list[str]
+    item_ids: list[str]
+    metrics: dict[str, object]
+
+
+def save_artifact(artifact: Artifact, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.detach().contiguous() for k, v in artifact.meta.items()},
+        str(directory / "meta_learner.safetensors"),
+    )
+    save_file(
+        {"user": artifact.tables.user.contiguous(), "item": artifact.tables.item.contiguous()},
+        str(directory / "embeddings.safetensors"),
+    )
+    _write_json(directory / "ids.json", {"users": artifact.user_ids, "items": artifact.item_ids})
+    _write_json(
+        directory / "config.json",
+        {"format_version": FORMAT_VERSION, "learner": dataclasses.asdict(artifact.learner)},
+    )
+    _write_json(directory / "metrics.json", artifact.metrics)
+    manifest = {name: _file_entry(directory / name) for name in FILES}
+    _write_json(directory / MANIFEST, {"format_version": FORMAT_VERSION, "files": manifest})
+
+
+def verify_artifact(directory: Path) -> None:
+    """Raise ArtifactError unless every file is present with the manifest's sha256."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{directory}: no {MANIFEST} (not an artifact, or a partial one)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ArtifactError(f"{manifest_path}: unreadable manifest ({error})") from error
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{manifest_path}: format version {manifest.get('format_version')!r}, "
+            f"this code reads {FORMAT_VERSION}"
+        )
+    for name in FILES:
+        path = directory / name
+        if name not in files or not path.is_file():
+            raise ArtifactError(f"{path}: missing")
+        if _file_entry(path) != files[name]:
+            raise ArtifactError(f"{path}: sha256 does not match the manifest (corrupt)")
+
+
+def load_artifact(directory: Path) -> Artifact:
+    directory = Path(directory)
+    verify_artifact(directory)
+    config = json.loads((directory / "config.json").read_text())
+    learner = config["learner"]
+    learner["recommender"] = RecommenderSpec(**learner["recommender"])
+    embeddings = load_file(str(directory / "embeddings.safetensors"))
+    ids = json.loads((directory / "ids.json").read_text())
+    return Artifact(
+        meta=load_file(str(directory / "meta_learner.safetensors")),
+        learner=LearnerConfig(**learner),
+        tables=Tables(embeddings["user"], embeddings["item"]),
+        user_ids=ids["users"],
+        item_ids=ids["items"],
+        metrics=json.loads((directory / "metrics.json").read_text()),
+    )
+
+
+def publish(artifact_dir: Path, registry: Path) -> str:
+    """Copy a verified artifact into the registry as the next version; point `current` at
+    it. Returns the version name."""
+    verify_artifact(artifact_dir)
+    versions = registry / VERSIONS
+    versions.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=versions))
+    try:
+        for name in (*FILES, MANIFEST):
+            shutil.copy2(artifact_dir / name, staging / name)
+        verify_artifact(staging)
+        while True:
+            version = f"v{_next_number(versions):04d}"
+            try:
+                # Fails if another publisher took the name meanwhile: take the next one.
+                os.rename(staging, versions / version)
+                break
+            except OSError:
+                if not (versions / version).exists():
+                    raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    pointer = registry / f".{CURRENT}.tmp"
+    pointer.write_text(version + "\n")
+    os.replace(pointer, registry / CURRENT)
+    return version
+
+
+def current_version(registry: Path) -> str:
+    pointer = registry / CURRENT
+    if not pointer.is_file():
+        raise ArtifactError(f"{registry}: no published meta learner ({CURRENT} is missing)")
+    return pointer.read_text().strip()
+
+
+def load_current(registry: Path) -> tuple[str, Artifact]:
+    version = current_version(registry)
+    return version, load_artifact(registry / VERSIONS / version)
+
+
+def _next_number(versions: Path) -> int:
+    numbers = [int(p.name[1:]) for p in versions.glob("v[0-9]*") if p.name[1:].isdigit()]
+    return max(numbers, default=0) + 1
+
+
+def _file_entry(path: Path) -> dict[str, object]:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"sha256": digest, "bytes": path.stat().st_size}
+
+
+def _write_json(path: Path, payload: object) -> None:
+    path.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
