@@ -20,6 +20,7 @@ from meta_training.config import (
 from meta_training.dataset import load_dataset, write_tabular
 from meta_training.errors import S2MetaError, SettingsError
 from meta_training.evaluate import evaluate, write_results
+from meta_training.methods import BASELINES
 from meta_training.prepare import Prepared, prepare
 from meta_training.registry import METHODS
 from meta_training.train_job import AUTO, resolve_device, train_artifact
@@ -67,9 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate_cmd.add_argument(
         "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated, from: {', '.join(METHODS)} (default: all)",
+        default=",".join(BASELINES),
+        help=f"comma-separated, from: {', '.join(METHODS)} (default: {', '.join(BASELINES)})",
     )
+    _add_training_options(evaluate_cmd)
     evaluate_cmd.set_defaults(run=_run_evaluate)
 
     train_cmd = commands.add_parser(
@@ -280,7 +282,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             bar.set_postfix_str(label)
             bar.update(1)
 
-        results = evaluate(prepared, methods, advance)
+        results = evaluate(prepared, methods, advance, training=_training(args))
     write_results(results, args.out)
     print((args.out / "results.md").read_text())
     print(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'}")

@@ -2,5 +2,6 @@
 
 from meta_training.learned_methods import LEARNED
 from meta_training.methods import BASELINES, MethodFactory
+from meta_training.tuned_baselines import TUNED
 
-METHODS: dict[str, MethodFactory] = {**BASELINES, **LEARNED}
+METHODS: dict[str, MethodFactory] = {**BASELINES, **TUNED, **LEARNED}
