@@ -23,6 +23,7 @@ from meta_training.evaluate import evaluate, write_results
 from meta_training.methods import BASELINES
 from meta_training.prepare import Prepared, prepare
 from meta_training.registry import METHODS
+from meta_training.trace import trace_scenario
 from meta_training.train_job import AUTO, resolve_device, train_artifact
 from model.artifact import publish
 from model.errors import RecommenderError
@@ -96,6 +97,16 @@ def _parser() -> argparse.ArgumentParser:
     publish_cmd.add_argument("artifact", type=Path, help="directory written by s2meta train")
     publish_cmd.add_argument("--registry", type=Path, required=True, help="registry directory")
     publish_cmd.set_defaults(run=_run_publish)
+
+    trace_cmd = commands.add_parser(
+        "trace", help="plot one scenario's adaptation (the paper's Figure 2) as a PNG"
+    )
+    trace_cmd.add_argument("--artifact", type=Path, required=True)
+    trace_cmd.add_argument("--data", type=Path, required=True)
+    trace_cmd.add_argument("--scenario", required=True, help="a meta-valid/test scenario id")
+    trace_cmd.add_argument("--out", type=Path, required=True, help="PNG file")
+    trace_cmd.add_argument("--cache-dir", type=Path)
+    trace_cmd.set_defaults(run=_run_trace)
 
     export_cmd = commands.add_parser(
         "export-tabular", help="write a dataset in the tabular form (interactions.csv, ...)"
@@ -235,7 +246,9 @@ def _run_train(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"{variant} test loss {stats['test_loss']:.3f}")
             bar.update(1)
 
-        metrics = train_artifact(prepared, training, args.variant, args.out, device, progress)
+        metrics = train_artifact(
+            prepared, embedding, training, args.variant, args.out, device, progress
+        )
     scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics["valid_recall@20"].items())
     print(
         f"meta-valid Recall@20: {scores}; kept {metrics['variant']} (step {metrics['best_step']})"
@@ -247,6 +260,17 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_publish(args: argparse.Namespace) -> int:
     version = publish(args.artifact, args.registry)
     print(version)
+    return 0
+
+
+def _run_trace(args: argparse.Namespace) -> int:
+    cache_dir = args.cache_dir or Settings().cache_dir
+    record = trace_scenario(args.artifact, args.data, args.scenario, args.out, cache_dir)
+    recalls = record["recall@20"]
+    print(
+        f"scenario {args.scenario}: {record['steps'][0]} steps, Recall@20 "
+        f"{recalls[0]:.4f} -> {recalls[-1]:.4f}; wrote {args.out}"
+    )
     return 0
 
 

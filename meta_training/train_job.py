@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from meta_training.config import MetaTrainConfig
+from meta_training.config import EmbeddingConfig, MetaTrainConfig
 from meta_training.errors import SettingsError
 from meta_training.meta_train import TrainedLearner, meta_train, tables_of
 from meta_training.prepare import Prepared
@@ -26,6 +26,7 @@ def resolve_device(name: str) -> torch.device:
 
 def train_artifact(
     prepared: Prepared,
+    embedding: EmbeddingConfig,
     training: MetaTrainConfig,
     variant: str,
     out: Path,
@@ -58,6 +59,9 @@ def train_artifact(
         "best_step": best.best_step,
         "history": best.history,
         "training": best.config.model_dump(),
+        # Enough to rebuild the same benchmark (s2meta trace, evaluation of the artifact).
+        "protocol": benchmark.config.model_dump(),
+        "embedding": embedding.model_dump(),
         "benchmark": benchmark.summary(),
     }
     save_artifact(

@@ -99,6 +99,7 @@ def adapt(
     test: dict[str, Tensor] | None = None,
     *,
     compiled: bool = False,
+    thetas: list[Tensor] | None = None,
 ) -> AdaptResult:
     """Adapt S scenarios at once (S = 1 for one).
 
@@ -107,6 +108,7 @@ def adapt(
     test: optional triples [S, M] whose hinge loss is recorded at every theta_t (detached).
     compiled: run the update controller through torch.compile (same numbers, faster after a
     one-off compilation).
+    thetas: if given, theta_0, theta_1, ... [S, n] are appended to it (detached), for traces.
     """
     layout = layout_of(config)
     sizes = layout.sizes
@@ -130,6 +132,8 @@ def adapt(
 
     test_losses: list[Tensor] = []
     records: list[dict[str, Tensor]] = []
+    if thetas is not None:
+        thetas.append(theta.detach().clone())
     for t in range(config.max_steps):
         if test is not None:
             with torch.no_grad():
@@ -175,6 +179,8 @@ def adapt(
         )
         steps = steps + keep.long()
         active = keep
+        if thetas is not None:
+            thetas.append(theta.detach().clone())
         if not bool(active.any()):
             break
     if test is not None:

@@ -51,8 +51,9 @@ def adapt_scenarios(
     seed: int,
     *,
     compiled: bool = False,
+    thetas: list[Tensor] | None = None,
 ) -> AdaptResult:
-    """Adapt every scenario at once (one vmapped batch)."""
+    """Adapt every scenario at once (one vmapped batch); `thetas` as in `adapt`."""
     train, uniforms = [], []
     for scenario in scenarios:
         rng = scenario_rng(seed, scenario.scenario_id)
@@ -75,6 +76,7 @@ def adapt_scenarios(
             stack_triples(train, device),
             torch.stack(uniforms).to(device),
             compiled=compiled,
+            thetas=thetas,
         )
 
 

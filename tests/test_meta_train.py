@@ -194,3 +194,72 @@ def test_unavailable_device_is_a_clear_error(tmp_path, capsys):
     )
     assert code == 2 and "cuda" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_trace_draws_the_adaptation_of_a_scenario(prepared, tmp_path, capsys):
+    artifact = tmp_path / "artifact"
+    cache = tmp_path / "cache"
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(DATA / "LastFM"),
+                "--out",
+                str(artifact),
+                "--max-steps",
+                "1",
+                "--variant",
+                "hybrid",
+                "--meta-batch",
+                "1",
+                "--cache-dir",
+                str(cache),
+                "--embedding-dim",
+                "16",
+            ]
+        )
+        == 0
+    )
+    scenario = prepared.benchmark.test[0].scenario_id  # same protocol and seed
+    out = tmp_path / "trace.png"
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "trace",
+                "--artifact",
+                str(artifact),
+                "--data",
+                str(DATA / "LastFM"),
+                "--scenario",
+                scenario,
+                "--out",
+                str(out),
+                "--cache-dir",
+                str(cache),
+            ]
+        )
+        == 0
+    )
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"scenario {scenario}:" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "trace",
+                "--artifact",
+                str(artifact),
+                "--data",
+                str(DATA / "LastFM"),
+                "--scenario",
+                "no-such",
+                "--out",
+                str(tmp_path / "x.png"),
+                "--cache-dir",
+                str(cache),
+            ]
+        )
+        == 2
+    )
+    assert not (tmp_path / "x.png").exists()
