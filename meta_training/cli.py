@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch.distributed as dist
 from pydantic import ValidationError
 from tqdm import tqdm
 
@@ -24,7 +25,7 @@ from meta_training.methods import BASELINES
 from meta_training.prepare import Prepared, prepare
 from meta_training.registry import METHODS
 from meta_training.trace import trace_scenario
-from meta_training.train_job import AUTO, resolve_device, train_artifact
+from meta_training.train_job import AUTO, process_group, resolve_device, train_artifact
 from model.artifact import publish
 from model.errors import RecommenderError
 
@@ -238,22 +239,36 @@ def _run_train(args: argparse.Namespace) -> int:
     protocol, embedding, cache_dir = _configs(args)
     training = _training(args)
     device = resolve_device(args.device)
-    prepared = _prepare_with_progress(args, args.seed, protocol, embedding, cache_dir)
-    variants = 3 if args.variant == AUTO else 1
-    with tqdm(total=variants * training.iterations, desc="meta-train", unit="step") as bar:
+    with process_group(device) as (rank, world):
+        # One process fills the cache; the others read it.
+        if rank == 0:
+            prepared = _prepare_with_progress(args, args.seed, protocol, embedding, cache_dir)
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            prepared = prepare(args.data, args.seed, protocol, embedding, cache_dir)
+        variants = 3 if args.variant == AUTO else 1
+        with tqdm(
+            total=variants * training.iterations,
+            desc="meta-train",
+            unit="step",
+            disable=rank != 0,
+        ) as bar:
 
-        def progress(variant: str, step: int, stats: dict[str, float]) -> None:
-            bar.set_postfix_str(f"{variant} test loss {stats['test_loss']:.3f}")
-            bar.update(1)
+            def progress(variant: str, step: int, stats: dict[str, float]) -> None:
+                bar.set_postfix_str(f"{variant} test loss {stats['test_loss']:.3f}")
+                bar.update(1)
 
-        metrics = train_artifact(
-            prepared, embedding, training, args.variant, args.out, device, progress
+            metrics = train_artifact(
+                prepared, embedding, training, args.variant, args.out, device, progress
+            )
+    if rank == 0:
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics["valid_recall@20"].items())
+        print(
+            f"meta-valid Recall@20: {scores}; kept {metrics['variant']} "
+            f"(step {metrics['best_step']}, {world} process(es))"
         )
-    scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics["valid_recall@20"].items())
-    print(
-        f"meta-valid Recall@20: {scores}; kept {metrics['variant']} (step {metrics['best_step']})"
-    )
-    print(f"wrote artifact {args.out}")
+        print(f"wrote artifact {args.out}")
     return 0
 
 

@@ -59,11 +59,13 @@ def episode_batch(
     config: LearnerConfig,
     support_size: int,
     test_size: int,
-    rng: np.random.Generator,
+    rngs: Sequence[np.random.Generator],
     device: torch.device | None = None,
 ) -> EpisodeBatch:
+    """One fresh episode per task, each drawn from its own generator (so a task's episode
+    does not depend on which other tasks share its batch or process)."""
     train, test, uniforms = [], [], []
-    for task in tasks:
+    for task, rng in zip(tasks, rngs, strict=True):
         scenario, test_users, test_items = draw_episode(benchmark, task, support_size, rng)
         train.append(
             sample_triples(

@@ -18,12 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from torch import Tensor, nn
 from torch.func import vmap
 
 from meta_training.config import MetaTrainConfig
 from meta_training.embeddings import Embeddings
-from meta_training.episodes import episode_batch, support_input, usable_episode_tasks
+from meta_training.episodes import (
+    EpisodeBatch,
+    episode_batch,
+    support_input,
+    usable_episode_tasks,
+)
 from meta_training.errors import SettingsError
 from meta_training.metrics import scenario_metrics
 from meta_training.protocol import Benchmark, EvaluationTask, ground_truth
@@ -78,6 +84,65 @@ def trainable_names(meta: Params, config: MetaTrainConfig) -> list[str]:
     return names
 
 
+class MetaObjective(nn.Module):
+    """omega as module parameters, so DistributedDataParallel can average their gradients;
+    `forward` runs one meta-batch and returns the loss to minimise and summed statistics."""
+
+    def __init__(
+        self,
+        meta: Params,
+        trainable: list[str],
+        learner: LearnerConfig,
+        tables: Tables,
+        config: MetaTrainConfig,
+    ) -> None:
+        super().__init__()
+        # Module names may not contain dots.
+        self.weights = nn.ParameterDict(
+            {
+                name.replace(".", "__"): nn.Parameter(value, requires_grad=name in trainable)
+                for name, value in meta.items()
+            }
+        )
+        self.learner, self.tables, self.config = learner, tables, config
+        layout = layout_of(learner)
+        self.final_loss = vmap(
+            lambda flat, triples: triples_loss(learner, layout, tables, flat, triples)
+        )
+
+    def meta(self) -> Params:
+        return {key.replace("__", "."): value for key, value in self.weights.items()}
+
+    def forward(self, batch: EpisodeBatch, baseline: float) -> tuple[Tensor, Tensor]:
+        """Loss (mean over this process's tasks) and [test-loss sum, steps sum, reward sum,
+        decisions] over them."""
+        result = adapt(
+            self.meta(),
+            self.learner,
+            self.tables,
+            batch.train,
+            batch.uniforms,
+            batch.test,
+            compiled=self.config.compiled,
+        )
+        test_loss = self.final_loss(result.theta, batch.test)  # [S], with the meta-gradient
+        loss = test_loss.mean()
+        reward = _rewards(result.test_loss)  # [S, T']
+        decided = result.decided
+        if self.config.stop_rule == "learned":
+            advantage = (reward - baseline) * decided
+            loss = loss - (advantage * result.decision_log_prob).sum(1).mean()
+        sums = torch.stack(
+            [
+                test_loss.detach().sum(),
+                result.steps.sum().to(test_loss.dtype),
+                (reward * decided).sum(),
+                decided.sum().to(test_loss.dtype),
+            ]
+        )
+        return loss, sums
+
+
 def meta_train(
     benchmark: Benchmark,
     embeddings: Embeddings,
@@ -87,6 +152,14 @@ def meta_train(
     progress: Callable[[int, dict[str, float]], None] = lambda step, stats: None,
     device: torch.device | str = "cpu",
 ) -> TrainedLearner:
+    """Meta-train; under torch.distributed each process takes an equal share of every
+    meta-batch and DistributedDataParallel averages the gradients, which equals one
+    process with the same global batch."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if config.meta_batch % world:
+        raise SettingsError(
+            f"meta_batch {config.meta_batch} is not divisible by the {world} processes"
+        )
     learner = learner_config(config, embeddings.user.shape[1])
     tables = tables_of(embeddings, device)
     tasks = usable_episode_tasks(benchmark)
@@ -96,76 +169,78 @@ def meta_train(
             "(setting episode_share)"
         )
     torch.manual_seed(seed)  # entry point: nothing below draws from the global generator
-    meta = {
-        name: value.to(device).requires_grad_(True)
-        for name, value in init_meta_params(learner, torch.Generator().manual_seed(seed)).items()
-    }
-    names = trainable_names(meta, config)
+    initial = init_meta_params(learner, torch.Generator().manual_seed(seed))
+    objective = MetaObjective(
+        {name: value.to(device) for name, value in initial.items()},
+        trainable_names(initial, config),
+        learner,
+        tables,
+        config,
+    )
+    model = (
+        nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
+        if world > 1
+        else objective
+    )
     optimizer = torch.optim.Adam(
-        [meta[name] for name in names],
+        [p for p in objective.parameters() if p.requires_grad],
         lr=config.learning_rate,
         weight_decay=config.weight_decay,
     )
     state = {"step": 0, "baseline": 0.0, "best_score": -1.0, "best_step": 0, "history": []}
-    best = {name: value.detach().clone() for name, value in meta.items()}
+    best = {name: value.detach().clone() for name, value in objective.meta().items()}
     checkpoint = checkpoint_dir / CHECKPOINT if checkpoint_dir is not None else None
     if checkpoint is not None and checkpoint.is_file():
         saved = torch.load(checkpoint, weights_only=False, map_location=device)
         if saved["config"] == config.model_dump() and saved["seed"] == seed:
             with torch.no_grad():
-                for name, value in saved["meta"].items():
-                    meta[name].copy_(value)
+                for name, value in objective.meta().items():
+                    value.copy_(saved["meta"][name])
             optimizer.load_state_dict(saved["optimizer"])
             best, state = saved["best"], saved["state"]
 
-    layout = layout_of(learner)
-    final_loss = vmap(lambda flat, triples: triples_loss(learner, layout, tables, flat, triples))
+    share = range(rank * config.meta_batch // world, (rank + 1) * config.meta_batch // world)
     while state["step"] < config.iterations:
         step = state["step"]
-        # Episodes depend on (seed, step) only, so a resumed run draws the same ones.
-        rng = np.random.default_rng([seed, step])
-        chosen = [tasks[i] for i in rng.choice(len(tasks), size=config.meta_batch)]
+        # Episodes depend on (seed, step, position in the meta-batch) only: a resumed or
+        # distributed run draws the same ones.
+        chosen = np.random.default_rng([seed, step]).choice(len(tasks), size=config.meta_batch)
         batch = episode_batch(
-            benchmark, chosen, learner, config.support_size, config.test_size, rng, device
-        )
-        result = adapt(
-            meta,
+            benchmark,
+            [tasks[chosen[p]] for p in share],
             learner,
-            tables,
-            batch.train,
-            batch.uniforms,
-            batch.test,
-            compiled=config.compiled,
+            config.support_size,
+            config.test_size,
+            [np.random.default_rng([seed, step, p]) for p in share],
+            device,
         )
-        test_loss = final_loss(result.theta, batch.test)  # [S], with the meta-gradient
-        loss = test_loss.mean()
-        stats = {"test_loss": loss.item(), "steps": result.steps.float().mean().item()}
-        if config.stop_rule == "learned":
-            reward = _rewards(result.test_loss)  # [S, T']
-            decided = result.decided
-            advantage = (reward - state["baseline"]) * decided
-            loss = loss - (advantage * result.decision_log_prob).sum(1).mean()
-            if decided.any():
-                mean_reward = float(reward[decided].mean())
-                state["baseline"] = (
-                    config.baseline_decay * state["baseline"]
-                    + (1 - config.baseline_decay) * mean_reward
-                )
+        loss, sums = model(batch, state["baseline"])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if world > 1:
+            dist.all_reduce(sums)
+        test_loss_sum, steps_sum, reward_sum, decisions = sums.tolist()
+        stats = {
+            "test_loss": test_loss_sum / config.meta_batch,
+            "steps": steps_sum / config.meta_batch,
+        }
+        if decisions > 0:
+            state["baseline"] = config.baseline_decay * state["baseline"] + (
+                1 - config.baseline_decay
+            ) * (reward_sum / decisions)
         state["step"] = step + 1
         progress(state["step"], stats)
 
         if state["step"] % config.valid_every == 0 or state["step"] == config.iterations:
-            detached = {name: value.detach() for name, value in meta.items()}
+            detached = {name: value.detach() for name, value in objective.meta().items()}
             score = valid_recall(detached, learner, benchmark, tables, seed, config.compiled)
             state["history"].append({"step": state["step"], "valid_recall@20": score, **stats})
             if score > state["best_score"]:
                 state["best_score"], state["best_step"] = score, state["step"]
                 best = {name: value.clone() for name, value in detached.items()}
-            if checkpoint is not None:
-                _save_checkpoint(checkpoint, config, seed, meta, optimizer, best, state)
+            if checkpoint is not None and rank == 0:
+                _save_checkpoint(checkpoint, config, seed, objective.meta(), optimizer, best, state)
 
     best = {name: value.cpu() for name, value in best.items()}
     return TrainedLearner(

@@ -1,10 +1,13 @@
 """`s2meta train`: prepare, meta-train (choosing the variant on meta-valid when asked), and
 write an unpublished artifact."""
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from meta_training.config import EmbeddingConfig, MetaTrainConfig
 from meta_training.errors import SettingsError
@@ -17,11 +20,28 @@ AUTO = "auto"
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SettingsError("--device cuda: no CUDA device is available here")
+    """The device for this process; under torchrun each process takes its LOCAL_RANK GPU."""
     if name not in ("cpu", "cuda"):
         raise SettingsError(f"--device {name!r}: expected cpu or cuda")
-    return torch.device(name)
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingsError("--device cuda: no CUDA device is available here")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+@contextmanager
+def process_group(device: torch.device) -> Iterator[tuple[int, int]]:
+    """(rank, world size): a torch.distributed group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        yield 0, 1
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield dist.get_rank(), world
+    finally:
+        dist.destroy_process_group()
 
 
 def train_artifact(
@@ -64,6 +84,8 @@ def train_artifact(
         "embedding": embedding.model_dump(),
         "benchmark": benchmark.summary(),
     }
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return metrics
     save_artifact(
         Artifact(
             meta=best.meta,
