@@ -1,0 +1,138 @@
+"""Speed of scenario-specific learning and of meta-training, on the reference config:
+interaction variant, 64-dim embeddings (10,881 adapted parameters), update-controller LSTM
+hidden 16, batch 128, 20 steps (the stop draws are set so no scenario stops early).
+
+Prints and writes benchmarks/results/adaptation_speed.json:
+- one scenario on one CPU thread: median and p90 ms, eager and compiled, beside the FLOP
+  floor (the step's FLOPs at this machine's measured one-thread matmul rate);
+- a batch of 64 scenarios: scenarios per second;
+- meta-training: tasks per second (meta-batch 8).
+Run: python -m benchmarks.adaptation_speed [--device cpu|cuda] [--repeats 20]
+"""
+
+import argparse
+import itertools
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from benchmarks.report import write_report
+from model.learner import LearnerConfig, Tables, adapt, init_meta_params, layout_of
+from model.recommender import RecommenderSpec
+from model.sampling import sample_triples
+from model.scenario import stack_triples
+
+D, USERS, ITEMS, POOL, SUPPORT = 64, 2000, 5000, 500, 64
+
+
+def synthetic_batch(
+    config: LearnerConfig, scenarios: int, seed: int, device: torch.device
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    parts = []
+    for _ in range(scenarios):
+        pool = np.sort(rng.choice(ITEMS, size=POOL, replace=False))
+        users = rng.integers(0, USERS, size=SUPPORT)
+        items = pool[rng.integers(0, POOL, size=SUPPORT)]
+        parts.append(sample_triples(users, items, pool, (config.max_steps, config.batch_size), rng))
+    uniforms = torch.ones(scenarios, config.max_steps, device=device)  # never stop early
+    return stack_triples(parts, device), uniforms
+
+
+def time_calls(fn: Callable[[], object], repeats: int) -> list[float]:
+    fn()  # warm-up (and compilation)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def step_flops(config: LearnerConfig) -> float:
+    """FLOPs of one adaptation step: the recommender's forward and backward on N positive
+    and N negative pairs, and the update controller over every parameter element."""
+    widths = config.recommender.mlp_widths()
+    mlp = sum(2 * a * b for a, b in itertools.pairwise(widths))
+    recommender = 3 * mlp * 2 * config.batch_size  # forward + ~2x backward, two pairs
+    n = layout_of(config).numel
+    h = config.controller_hidden
+    controller = n * (2 * (6 + h) * 4 * h + 2 * h * 2 + 30 * 4 * h)  # matmuls + gate math
+    return recommender + controller
+
+
+def matmul_gflops() -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    times = time_calls(lambda: a @ b, 5)
+    return 2 * 2048**3 / (statistics.median(times) / 1000) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--batch-scenarios", type=int, default=64)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    config = LearnerConfig(RecommenderSpec("interaction", D))
+    generator = torch.Generator().manual_seed(0)
+    meta = {k: v.to(device) for k, v in init_meta_params(config, generator).items()}
+    tables = Tables(torch.randn(USERS, D, device=device), torch.randn(ITEMS, D, device=device))
+    figures: dict[str, object] = {"device": str(device), "parameters": layout_of(config).numel}
+
+    one, one_uniforms = synthetic_batch(config, 1, 0, device)
+    for compiled in (False, True):
+        with torch.no_grad():
+            times = time_calls(
+                lambda c=compiled: adapt(meta, config, tables, one, one_uniforms, compiled=c),
+                args.repeats,
+            )
+        label = "compiled" if compiled else "eager"
+        figures[f"one_scenario_{label}_ms"] = {
+            "median": statistics.median(times),
+            "p90": float(np.percentile(times, 90)),
+        }
+    if device.type == "cpu":
+        rate = matmul_gflops()
+        flops = step_flops(config) * config.max_steps
+        figures["flop_floor"] = {
+            "mflop_per_adaptation": flops / 1e6,
+            "matmul_gflops_one_thread": rate,
+            "floor_ms": flops / (rate * 1e9) * 1000,
+        }
+
+    many, many_uniforms = synthetic_batch(config, args.batch_scenarios, 1, device)
+    with torch.no_grad():
+        times = time_calls(
+            lambda: adapt(meta, config, tables, many, many_uniforms, compiled=True), 3
+        )
+    figures["batched_scenarios_per_s"] = {
+        "scenarios": args.batch_scenarios,
+        "per_s": args.batch_scenarios / (statistics.median(times) / 1000),
+    }
+
+    trainable = {k: v.clone().requires_grad_(True) for k, v in meta.items()}
+    train8, uniforms8 = synthetic_batch(config, 8, 2, device)
+    test8 = {k: v[:, 0] for k, v in train8.items()}
+
+    def meta_step() -> None:
+        result = adapt(trainable, config, tables, train8, uniforms8, test8, compiled=True)
+        result.theta.sum().backward()
+
+    times = time_calls(meta_step, 5)
+    figures["meta_training_tasks_per_s"] = 8 / (statistics.median(times) / 1000)
+
+    for name, value in figures.items():
+        print(f"{name}: {value}")
+    write_report(f"adaptation_speed_{device.type}", figures)
+
+
+if __name__ == "__main__":
+    main()
