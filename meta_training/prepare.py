@@ -21,7 +21,7 @@ from meta_training.embeddings import Embeddings, pretrain_embeddings
 from meta_training.protocol import Benchmark, EpisodeTask, EvaluationTask, build_benchmark
 
 # Bump when the cached layout or the protocol's behaviour changes.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)

@@ -115,21 +115,30 @@ def build_benchmark(data: InteractionData, config: ProtocolConfig, seed: int) ->
     }
 
     dropped: dict[str, str] = {}
-    # Meta-test first, then meta-valid: a later split never uses what an earlier one claimed,
-    # so no meta-test interaction reaches model selection or meta-training.
-    claimed = np.zeros(data.num_interactions, dtype=bool)
-    evaluation: dict[str, list[EvaluationTask]] = {}
-    for split in ("test", "valid"):
-        blocked = claimed.copy()
-        tasks = []
-        for index in split_of[split]:
-            task = _evaluation_task(data, index, blocked, config, seed, dropped)
-            if task is not None:
-                claimed[task.support_rows] = True
-                claimed[task.eval_rows] = True
-                claimed[_cut_rows(data, task, blocked)] = True
-                tasks.append(task)
-        evaluation[split] = tasks
+    # Meta-valid and meta-test scenarios claim their interactions in one seeded interleaved
+    # order, each skipping what the *other* split claimed before it: the two splits never
+    # share an interaction (no meta-test interaction reaches model selection), and neither
+    # is left with the other's leftovers, so meta-valid stays a fair stand-in for meta-test
+    # even where scenarios overlap heavily (LastFM).
+    claimed = {"valid": np.zeros(data.num_interactions, dtype=bool)}
+    claimed["test"] = claimed["valid"].copy()
+    other = {"valid": "test", "test": "valid"}
+    evaluation: dict[str, list[EvaluationTask]] = {"valid": [], "test": []}
+    queue = [("valid", index) for index in split_of["valid"]]
+    queue += [("test", index) for index in split_of["test"]]
+    for position in np.random.default_rng([seed, len(queue), 1]).permutation(len(queue)):
+        split, index = queue[position]
+        blocked = claimed[other[split]]
+        task = _evaluation_task(data, index, blocked, config, seed, dropped)
+        if task is not None:
+            mine = claimed[split]
+            mine[task.support_rows] = True
+            mine[task.eval_rows] = True
+            mine[_cut_rows(data, task, blocked)] = True
+            evaluation[split].append(task)
+    for split, tasks in evaluation.items():  # split order, whatever the claiming order was
+        rank = {data.scenario_ids[index]: r for r, index in enumerate(split_of[split])}
+        tasks.sort(key=lambda task: rank[task.scenario_id])
     for split in ("valid", "test"):
         if not evaluation[split]:
             raise SettingsError(
@@ -138,7 +147,8 @@ def build_benchmark(data: InteractionData, config: ProtocolConfig, seed: int) ->
                 "support_size, min_outside_interactions)"
             )
 
-    train = _episode_tasks(data, split_of["train"], claimed, config, seed)
+    held_out = claimed["valid"] | claimed["test"]
+    train = _episode_tasks(data, split_of["train"], held_out, config, seed)
     episode_rows = _union([task.rows for task in train], data.num_interactions)
     return Benchmark(
         data=data,
@@ -147,7 +157,7 @@ def build_benchmark(data: InteractionData, config: ProtocolConfig, seed: int) ->
         train=train,
         valid=evaluation["valid"],
         test=evaluation["test"],
-        visible=~(claimed | episode_rows),
+        visible=~(held_out | episode_rows),
         dropped=dropped,
     )
 

@@ -6,8 +6,10 @@ probability p_t (a seeded uniform draw decides, so serving is reproducible); oth
 update controller's gates update theta_t = beta * theta_{t-1} - alpha * grad. After max_steps
 updates it stops regardless.
 
-One code path: `adapt` is written for a batch of S scenarios as `torch.func.vmap` over a
-single-scenario step, with a mask for the ones that stopped; one scenario is S = 1.
+One code path for one scenario (S = 1) or a batch: the recommender's loss and gradient are
+`torch.func.vmap(grad_and_value(...))` over each scenario's own parameters; the controllers
+work elementwise, so scenarios are simply more rows for them; a mask freezes the scenarios
+that stopped.
 Gradients of the recommender are constants (first-order): the inner gradient is taken at a
 detached theta, and the controllers' inputs and recurrent states are detached, so the meta
 gradient flows through theta's update chain into omega_R and through the gates into the

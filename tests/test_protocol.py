@@ -9,7 +9,12 @@ import pytest
 from meta_training.config import ProtocolConfig, ScenarioSelection
 from meta_training.dataset import InteractionData, load_dataset
 from meta_training.errors import SettingsError
-from meta_training.protocol import Benchmark, build_benchmark, select_scenarios
+from meta_training.protocol import (
+    Benchmark,
+    _evaluation_task,
+    build_benchmark,
+    select_scenarios,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-lastfm"
 
@@ -102,32 +107,45 @@ def test_support_is_few_shot_from_shared_users_disjoint_from_evaluation_users(be
 
 
 def test_a_cut_support_user_keeps_their_earliest_interactions(benchmark):
-    """Checked on meta-test scenarios, which are built first and so see every row."""
+    """Kept support rows are the user's earliest scenario rows, skipping only rows that the
+    other split had claimed (and which are therefore hidden)."""
     data = benchmark.data
     cut_seen = 0
-    for task in benchmark.test:
+    for task in [*benchmark.valid, *benchmark.test]:
         in_pool = _in_pool(data, task.pool)
         for user in np.unique(data.users[task.support_rows]):
             kept = task.support_rows[data.users[task.support_rows] == user]
             scenario_rows = np.flatnonzero(in_pool & (data.users == user))
-            # Rows are in time order within a user, so "earliest" is a prefix.
-            assert np.array_equal(kept, scenario_rows[: len(kept)])
+            # Rows are in time order within a user, so "earliest" means smallest rows.
+            skipped = np.setdiff1d(scenario_rows[scenario_rows < kept.max()], kept)
+            assert not benchmark.visible[skipped].any()
             cut_seen += len(kept) < len(scenario_rows)
     assert cut_seen > 0
 
 
+def test_meta_valid_and_meta_test_share_no_interaction(benchmark):
+    size = benchmark.data.num_interactions
+    valid = _mask(
+        size, *[t.support_rows for t in benchmark.valid], *[t.eval_rows for t in benchmark.valid]
+    )
+    for task in benchmark.test:
+        assert not valid[task.support_rows].any() and not valid[task.eval_rows].any()
+
+
 def test_evaluation_users_are_about_the_configured_share(lastfm):
+    index = select_scenarios(lastfm, ScenarioSelection())[0]
+    in_pool = _in_pool(lastfm, lastfm.scenario_pools[index])
+    outside = np.bincount(lastfm.users[~in_pool], minlength=lastfm.num_users)
+    scenario_users = np.unique(lastfm.users[in_pool])
+    shared = scenario_users[outside[scenario_users] >= 3]
+    nothing_blocked = np.zeros(lastfm.num_interactions, dtype=bool)
     for share in (0.2, 0.5):
-        benchmark = build_benchmark(lastfm, ProtocolConfig(eval_user_share=share), seed=1)
-        task = benchmark.test[0]
+        config = ProtocolConfig(eval_user_share=share)
+        task = _evaluation_task(lastfm, index, nothing_blocked, config, 1, {})
         eval_users = np.unique(lastfm.users[task.eval_rows])
-        in_pool = _in_pool(lastfm, task.pool)
-        outside = np.bincount(lastfm.users[~in_pool], minlength=lastfm.num_users)
-        scenario_users = np.unique(lastfm.users[in_pool])
-        shared = scenario_users[outside[scenario_users] >= 3]
-        support_users = np.unique(lastfm.users[task.support_rows])
-        remaining = len(shared) - len(support_users)
-        assert abs(len(eval_users) - share * remaining) <= 0.05 * remaining + 1
+        remaining = len(shared) - len(np.unique(lastfm.users[task.support_rows]))
+        assert len(eval_users) == max(1, round(share * remaining))
+        assert set(eval_users.tolist()) <= set(shared.tolist())
 
 
 def test_no_held_out_interaction_reaches_pretraining(benchmark):
@@ -139,13 +157,16 @@ def test_no_held_out_interaction_reaches_pretraining(benchmark):
 
 
 def test_evaluation_ground_truth_is_all_of_a_users_scenario_interactions(benchmark):
+    """All of them but those the other split claimed first (hidden from everything)."""
     data = benchmark.data
-    for task in benchmark.test:
+    for task in [*benchmark.valid, *benchmark.test]:
         in_pool = _in_pool(data, task.pool)
         users = np.unique(data.users[task.eval_rows])
         user_mask = np.zeros(data.num_users, dtype=bool)
         user_mask[users] = True
-        assert np.array_equal(task.eval_rows, np.flatnonzero(in_pool & user_mask[data.users]))
+        every = np.flatnonzero(in_pool & user_mask[data.users])
+        assert set(task.eval_rows.tolist()) <= set(every.tolist())
+        assert not benchmark.visible[np.setdiff1d(every, task.eval_rows)].any()
 
 
 def test_other_users_scenario_interactions_stay_visible(benchmark):
