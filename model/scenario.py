@@ -43,6 +43,17 @@ def stack_triples(
     }
 
 
+def learning_draws(
+    config: LearnerConfig, scenario: ScenarioInput, rng: np.random.Generator
+) -> tuple[Triples, Tensor]:
+    """A scenario's randomness for one adaptation: training triples [T, N] and the stop
+    decisions' uniform draws [T]."""
+    triples = sample_triples(
+        scenario.users, scenario.items, scenario.pool, (config.max_steps, config.batch_size), rng
+    )
+    return triples, torch.as_tensor(rng.random(config.max_steps), dtype=torch.float32)
+
+
 def adapt_scenarios(
     meta: Params,
     config: LearnerConfig,
@@ -54,19 +65,12 @@ def adapt_scenarios(
     thetas: list[Tensor] | None = None,
 ) -> AdaptResult:
     """Adapt every scenario at once (one vmapped batch); `thetas` as in `adapt`."""
-    train, uniforms = [], []
-    for scenario in scenarios:
-        rng = scenario_rng(seed, scenario.scenario_id)
-        train.append(
-            sample_triples(
-                scenario.users,
-                scenario.items,
-                scenario.pool,
-                (config.max_steps, config.batch_size),
-                rng,
-            )
-        )
-        uniforms.append(torch.as_tensor(rng.random(config.max_steps), dtype=torch.float32))
+    draws = [
+        learning_draws(config, scenario, scenario_rng(seed, scenario.scenario_id))
+        for scenario in scenarios
+    ]
+    train = [triples for triples, _ in draws]
+    uniforms = [uniform for _, uniform in draws]
     with torch.no_grad():
         device = tables.user.device
         return adapt(

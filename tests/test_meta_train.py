@@ -29,6 +29,30 @@ def prepared(tmp_path_factory):
     return prepare(DATA / "LastFM", 0, ProtocolConfig(), EmbeddingConfig(dim=16), cache)
 
 
+def train_cli(artifact: Path, cache: Path, variant: str, *extra: str) -> int:
+    """`s2meta train` on LastFM with a tiny budget (16-dim embeddings, as `prepared`)."""
+    return main(
+        [
+            "train",
+            "--data",
+            str(DATA / "LastFM"),
+            "--out",
+            str(artifact),
+            "--variant",
+            variant,
+            "--cache-dir",
+            str(cache),
+            "--embedding-dim",
+            "16",
+            "--max-steps",
+            "1",
+            "--meta-batch",
+            "1",
+            *extra,
+        ]
+    )
+
+
 def test_episodes_split_episode_users_into_disjoint_train_and_test(prepared):
     benchmark = prepared.benchmark
     rng = np.random.default_rng(0)
@@ -104,26 +128,20 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(prepared, tmp_path)
 def test_train_publish_and_load(prepared, tmp_path, capsys):
     artifact = tmp_path / "artifact"
     registry = tmp_path / "registry"
-    argv = [
-        "train",
-        "--data",
-        str(DATA / "LastFM"),
-        "--out",
-        str(artifact),
-        "--max-steps",
-        "2",
-        "--valid-every",
-        "1",
-        "--variant",
-        "hybrid",
-        "--meta-batch",
-        "2",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--embedding-dim",
-        "16",
-    ]
-    assert main(argv) == 0
+    assert (
+        train_cli(
+            artifact,
+            tmp_path / "cache",
+            "hybrid",
+            "--max-steps",
+            "2",
+            "--valid-every",
+            "1",
+            "--meta-batch",
+            "2",
+        )
+        == 0
+    )
     metrics = json.loads((artifact / "metrics.json").read_text())
     assert metrics["variant"] == "hybrid" and metrics["dataset"] == "LastFM"
     assert main(["publish", str(artifact), "--registry", str(registry)]) == 0
@@ -138,28 +156,7 @@ def test_train_publish_and_load(prepared, tmp_path, capsys):
 
 def test_corrupt_or_partial_artifacts_are_refused(prepared, tmp_path, capsys):
     artifact = tmp_path / "artifact"
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(DATA / "LastFM"),
-                "--out",
-                str(artifact),
-                "--max-steps",
-                "1",
-                "--variant",
-                "mapping",
-                "--meta-batch",
-                "1",
-                "--cache-dir",
-                str(tmp_path / "cache"),
-                "--embedding-dim",
-                "16",
-            ]
-        )
-        == 0
-    )
+    assert train_cli(artifact, tmp_path / "cache", "mapping") == 0
     verify_artifact(artifact)
     registry = tmp_path / "registry"
     publish(artifact, registry)
@@ -199,28 +196,7 @@ def test_unavailable_device_is_a_clear_error(tmp_path, capsys):
 def test_trace_draws_the_adaptation_of_a_scenario(prepared, tmp_path, capsys):
     artifact = tmp_path / "artifact"
     cache = tmp_path / "cache"
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(DATA / "LastFM"),
-                "--out",
-                str(artifact),
-                "--max-steps",
-                "1",
-                "--variant",
-                "hybrid",
-                "--meta-batch",
-                "1",
-                "--cache-dir",
-                str(cache),
-                "--embedding-dim",
-                "16",
-            ]
-        )
-        == 0
-    )
+    assert train_cli(artifact, cache, "hybrid") == 0
     scenario = prepared.benchmark.test[0].scenario_id  # same protocol and seed
     out = tmp_path / "trace.png"
     capsys.readouterr()
