@@ -197,11 +197,9 @@ def test_trace_draws_the_adaptation_of_a_scenario(prepared, tmp_path, capsys):
     artifact = tmp_path / "artifact"
     cache = tmp_path / "cache"
     assert train_cli(artifact, cache, "hybrid") == 0
-    scenario = prepared.benchmark.test[0].scenario_id  # same protocol and seed
-    out = tmp_path / "trace.png"
-    capsys.readouterr()
-    assert (
-        main(
+
+    def trace(scenario: str, out: Path) -> int:
+        return main(
             [
                 "trace",
                 "--artifact",
@@ -216,26 +214,12 @@ def test_trace_draws_the_adaptation_of_a_scenario(prepared, tmp_path, capsys):
                 str(cache),
             ]
         )
-        == 0
-    )
+
+    scenario = prepared.benchmark.test[0].scenario_id  # same protocol and seed
+    out = tmp_path / "trace.png"
+    capsys.readouterr()
+    assert trace(scenario, out) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"scenario {scenario}:" in capsys.readouterr().out
-    assert (
-        main(
-            [
-                "trace",
-                "--artifact",
-                str(artifact),
-                "--data",
-                str(DATA / "LastFM"),
-                "--scenario",
-                "no-such",
-                "--out",
-                str(tmp_path / "x.png"),
-                "--cache-dir",
-                str(cache),
-            ]
-        )
-        == 2
-    )
+    assert trace("no-such", tmp_path / "x.png") == 2
     assert not (tmp_path / "x.png").exists()
