@@ -31,8 +31,8 @@ from meta_training.episodes import (
     usable_episode_tasks,
 )
 from meta_training.errors import SettingsError
-from meta_training.metrics import scenario_metrics
-from meta_training.protocol import Benchmark, EvaluationTask, ground_truth
+from meta_training.methods import mean_recall_at_20
+from meta_training.protocol import Benchmark, EvaluationTask
 from model.learner import LearnerConfig, Tables, adapt, init_meta_params, layout_of, triples_loss
 from model.params import Params
 from model.recommender import RecommenderSpec
@@ -265,15 +265,18 @@ def valid_recall(
     """Mean Recall@20 over meta-valid scenarios (or the given tasks)."""
     tasks = benchmark.valid if tasks is None else tasks
     scenarios = [support_input(benchmark, task) for task in tasks]
+    # Adapt every scenario in one batch, then score them one by one.
     result = adapt_scenarios(meta, learner, tables, scenarios, seed, compiled=compiled)
-    recalls = []
-    for index, (task, scenario) in enumerate(zip(tasks, scenarios, strict=True)):
-        users, truth = ground_truth(benchmark, task)
-        scores = score_scenario(learner, result.theta[index], tables, scenario, users)
-        scores = scores.cpu().numpy()
-        rng = np.random.default_rng([seed, index])
-        recalls.append(scenario_metrics(scores, truth, rng)["recall@20"])
-    return float(np.mean(recalls))
+    theta_of = {task.scenario_id: result.theta[i] for i, task in enumerate(tasks)}
+    scenario_of = {
+        task.scenario_id: scenario for task, scenario in zip(tasks, scenarios, strict=True)
+    }
+
+    def score(task: EvaluationTask, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        theta, scenario = theta_of[task.scenario_id], scenario_of[task.scenario_id]
+        return score_scenario(learner, theta, tables, scenario, users).cpu().numpy()
+
+    return mean_recall_at_20(benchmark, tasks, score, seed)
 
 
 def _save_checkpoint(

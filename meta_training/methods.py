@@ -13,7 +13,8 @@ import numpy as np
 
 from meta_training.config import MetaTrainConfig
 from meta_training.embeddings import Embeddings
-from meta_training.protocol import Benchmark, EvaluationTask
+from meta_training.metrics import scenario_metrics
+from meta_training.protocol import Benchmark, EvaluationTask, ground_truth
 
 
 class Scorer(Protocol):
@@ -36,6 +37,18 @@ class MethodContext:
 
 
 MethodFactory = Callable[[MethodContext], Scorer]
+
+
+def mean_recall_at_20(
+    benchmark: Benchmark, tasks: list[EvaluationTask], scorer: Scorer, seed: int
+) -> float:
+    """Mean Recall@20 of a scorer over tasks: the model-selection criterion."""
+    recalls = []
+    for index, task in enumerate(tasks):
+        users, truth = ground_truth(benchmark, task)
+        rng = np.random.default_rng([seed, index])
+        recalls.append(scenario_metrics(scorer(task, users, rng), truth, rng)["recall@20"])
+    return float(np.mean(recalls))
 
 
 def random_method(context: MethodContext) -> Scorer:

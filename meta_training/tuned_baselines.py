@@ -19,9 +19,8 @@ import torch
 
 from meta_training.episodes import support_input
 from meta_training.meta_train import tables_of
-from meta_training.methods import MethodContext, Scorer, itempop, mf_dot
-from meta_training.metrics import scenario_metrics
-from meta_training.protocol import EvaluationTask, ground_truth
+from meta_training.methods import MethodContext, Scorer, itempop, mean_recall_at_20, mf_dot
+from meta_training.protocol import EvaluationTask
 from model.learner import Tables
 from model.recommender import RecommenderSpec, hinge_loss, init_params, score_pool
 from model.sampling import pool_popularity, sample_triples
@@ -35,16 +34,12 @@ def tune_on_valid(
 ) -> Scorer:
     """The scorer whose settings give the best mean Recall@20 on meta-valid."""
     benchmark = context.benchmark
-    truths = [ground_truth(benchmark, task) for task in benchmark.valid]
     best_score, best_scorer = -1.0, None
     for values in itertools.product(*grid.values()):
         scorer = factory(dict(zip(grid, values, strict=True)))
-        recalls = []
-        for index, (task, (users, truth)) in enumerate(zip(benchmark.valid, truths, strict=True)):
-            rng = np.random.default_rng([benchmark.seed, index])
-            recalls.append(scenario_metrics(scorer(task, users, rng), truth, rng)["recall@20"])
-        if np.mean(recalls) > best_score:
-            best_score, best_scorer = float(np.mean(recalls)), scorer
+        score = mean_recall_at_20(benchmark, benchmark.valid, scorer, benchmark.seed)
+        if score > best_score:
+            best_score, best_scorer = score, scorer
     assert best_scorer is not None
     return best_scorer
 
@@ -83,13 +78,9 @@ def mf_finetune(context: MethodContext) -> Scorer:
             triples = sample_triples(
                 scenario.users, scenario.items, scenario.pool, (steps, 128), fit_rng
             )
-            position = {item: p for p, item in enumerate(scenario.pool.tolist())}
-            pos_idx = torch.tensor(
-                [[position[i] for i in row] for row in triples.positives.tolist()]
-            )
-            neg_idx = torch.tensor(
-                [[position[i] for i in row] for row in triples.negatives.tolist()]
-            )
+            # Pool positions of the triples' items (the pool is sorted).
+            pos_idx = torch.as_tensor(np.searchsorted(scenario.pool, triples.positives.numpy()))
+            neg_idx = torch.as_tensor(np.searchsorted(scenario.pool, triples.negatives.numpy()))
             dot_pos = (tables.user[triples.users] * tables.item[triples.positives]).sum(-1)
             dot_neg = (tables.user[triples.users] * tables.item[triples.negatives]).sum(-1)
             scale = torch.ones((), requires_grad=True)

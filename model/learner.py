@@ -88,7 +88,9 @@ def init_meta_params(config: LearnerConfig, generator: torch.Generator) -> Param
     }
 
 
+@functools.cache
 def layout_of(config: LearnerConfig) -> ParamLayout:
+    """The recommender's parameter layout (cached: adapt and scoring ask on every call)."""
     return ParamLayout.of(init_params(config.recommender, torch.Generator().manual_seed(0)))
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A quick table of every method: one seed, 150 meta-training steps of meta-batch 4 per
-# meta-trained configuration (about 10 minutes per dataset on 2 cores). The full table
+# meta-trained configuration (10 to 20 minutes per dataset on 2 cores). The full table
 # (three seeds, the default budget) is `--seeds 3` without the budget flags.
 set -euo pipefail
 cd "$(dirname "$0")/.."
