@@ -2,11 +2,14 @@
 interaction variant, 64-dim embeddings (10,881 adapted parameters), update-controller LSTM
 hidden 16, batch 128, 20 steps (the stop draws are set so no scenario stops early).
 
-Prints and writes benchmarks/results/adaptation_speed.json:
-- one scenario on one CPU thread: median and p90 ms, eager and compiled, beside the FLOP
-  floor (the step's FLOPs at this machine's measured one-thread matmul rate);
+Prints and writes benchmarks/results/adaptation_speed_<device>.json:
+- one scenario on one CPU thread: median and p90 ms for the reference (eager, unfused), the
+  fused update cell with the eager recommender gradient, and the fused cell with the compiled
+  gradient (what evaluation and serving run), beside the FLOP floor (the step's FLOPs at this
+  machine's measured one-thread matmul rate) and the official code's figures as the issue
+  gives them for this machine (128 ms per scenario, 233 ms per meta-training task);
 - a batch of 64 scenarios: scenarios per second;
-- meta-training: tasks per second (meta-batch 8).
+- meta-training: tasks per second (meta-batch 8, compiled, the differentiable controller).
 Run: python -m benchmarks.adaptation_speed [--device cpu|cuda] [--repeats 20]
 """
 
@@ -26,6 +29,7 @@ from model.sampling import sample_triples
 from model.scenario import stack_triples
 
 D, USERS, ITEMS, POOL, SUPPORT = 64, 2000, 5000, 500, 64
+OFFICIAL_MS_PER_SCENARIO, OFFICIAL_MS_PER_TASK = 128.0, 233.0
 
 
 def synthetic_batch(
@@ -88,16 +92,19 @@ def main() -> None:
     figures: dict[str, object] = {"device": str(device), "parameters": layout_of(config).numel}
 
     one, one_uniforms = synthetic_batch(config, 1, 0, device)
-    for compiled in (False, True):
+    settings = {"reference": (False, False), "fused": (False, True), "fused_compiled": (True, True)}
+    for label, (compiled, fused) in settings.items():
         with torch.no_grad():
             times = time_calls(
-                lambda c=compiled: adapt(meta, config, tables, one, one_uniforms, compiled=c),
+                lambda c=compiled, f=fused: adapt(
+                    meta, config, tables, one, one_uniforms, compiled=c, fused=f
+                ),
                 args.repeats,
             )
-        label = "compiled" if compiled else "eager"
         figures[f"one_scenario_{label}_ms"] = {
             "median": statistics.median(times),
             "p90": float(np.percentile(times, 90)),
+            "speedup_over_official": OFFICIAL_MS_PER_SCENARIO / statistics.median(times),
         }
     if device.type == "cpu":
         rate = matmul_gflops()
@@ -113,9 +120,11 @@ def main() -> None:
         times = time_calls(
             lambda: adapt(meta, config, tables, many, many_uniforms, compiled=True), 3
         )
+    per_s = args.batch_scenarios / (statistics.median(times) / 1000)
     figures["batched_scenarios_per_s"] = {
         "scenarios": args.batch_scenarios,
-        "per_s": args.batch_scenarios / (statistics.median(times) / 1000),
+        "per_s": per_s,
+        "times_official_one_at_a_time": per_s * OFFICIAL_MS_PER_SCENARIO / 1000,
     }
 
     trainable = {k: v.clone().requires_grad_(True) for k, v in meta.items()}
@@ -127,7 +136,11 @@ def main() -> None:
         result.theta.sum().backward()
 
     times = time_calls(meta_step, 5)
-    figures["meta_training_tasks_per_s"] = 8 / (statistics.median(times) / 1000)
+    tasks_per_s = 8 / (statistics.median(times) / 1000)
+    figures["meta_training_tasks_per_s"] = {
+        "per_s": tasks_per_s,
+        "times_official": tasks_per_s * OFFICIAL_MS_PER_TASK / 1000,
+    }
 
     for name, value in figures.items():
         print(f"{name}: {value}")

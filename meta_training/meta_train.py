@@ -107,7 +107,7 @@ class MetaObjective(nn.Module):
         self.learner, self.tables, self.config = learner, tables, config
         layout = layout_of(learner)
         self.final_loss = vmap(
-            lambda flat, triples: triples_loss(learner, layout, tables, flat, triples)
+            lambda flat, triples: triples_loss(learner.recommender, layout, tables, flat, triples)
         )
 
     def meta(self) -> Params:

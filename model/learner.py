@@ -31,6 +31,7 @@ from model.controllers import (
     stop_probability,
     update_gates,
 )
+from model.fused_cell import fused_update_gates
 from model.params import ParamLayout, Params
 from model.recommender import RecommenderSpec, hinge_loss, init_params
 
@@ -103,6 +104,7 @@ def adapt(
     test: dict[str, Tensor] | None = None,
     *,
     compiled: bool = False,
+    fused: bool = True,
     thetas: list[Tensor] | None = None,
 ) -> AdaptResult:
     """Adapt S scenarios at once (S = 1 for one).
@@ -110,14 +112,17 @@ def adapt(
     train: triples as from `sample_triples(..., shape=(max_steps, N))`, stacked to [S, T, N].
     uniforms: [S, T] draws in [0, 1) for the stop decisions.
     test: optional triples [S, M] whose hinge loss is recorded at every theta_t (detached).
-    compiled: run the update controller through torch.compile (same numbers, faster after a
-    one-off compilation).
+    compiled: run the recommender's gradient and the differentiable update controller through
+    torch.compile (same numbers to float rounding, faster after a one-off compilation).
+    Without autograd through the controller (evaluation, serving) the update controller runs
+    the fused CPU cell wherever it applies (model/fused_cell.py), unless fused is False.
     thetas: if given, theta_0, theta_1, ... [S, n] are appended to it (detached), for traces.
     """
     layout = layout_of(config)
     sizes = layout.sizes
     num_scenarios = uniforms.shape[0]
-    theta = meta["init"].expand(num_scenarios, -1)
+    # A contiguous copy (still differentiable into omega_R), so every step sees one layout.
+    theta = meta["init"].unsqueeze(0).repeat(num_scenarios, 1)
     n = theta.shape[1]
     hidden = theta.new_zeros(num_scenarios, n, config.controller_hidden)
     cell = torch.zeros_like(hidden)
@@ -125,25 +130,24 @@ def adapt(
     stop_cell = torch.zeros_like(stop_hidden)
     active = torch.ones(num_scenarios, dtype=torch.bool, device=theta.device)
     steps = torch.zeros(num_scenarios, dtype=torch.long, device=theta.device)
-    gates_fn = _compiled_update_gates() if compiled else update_gates
-
-    # The recommender's loss and gradient depend on each scenario's own parameters: vmap.
-    def loss_at(flat: Tensor, triples: dict[str, Tensor]) -> Tensor:
-        return triples_loss(config, layout, tables, flat, triples)
-
-    loss_and_grad = vmap(grad_and_value(loss_at))
-    batched_loss = vmap(loss_at)
+    fused_gates = (
+        fused_update_gates(meta, sizes, config.controller_hidden)
+        if fused and config.update_rule == "learned"
+        else None
+    )
+    gates_fn = fused_gates or (_compiled_update_gates() if compiled else update_gates)
+    loss_and_grad, batched_loss = _batched_losses(config, compiled)
 
     test_losses: list[Tensor] = []
     records: list[dict[str, Tensor]] = []
     if thetas is not None:
         thetas.append(theta.detach().clone())
     for t in range(config.max_steps):
-        if test is not None:
-            with torch.no_grad():
-                test_losses.append(batched_loss(theta.detach(), test))
         triples = {name: value[:, t] for name, value in train.items()}
-        grad, loss = loss_and_grad(theta.detach(), triples)  # [S, n], [S]
+        with torch.no_grad():  # first-order: the recommender's loss and gradient are constants
+            if test is not None:
+                test_losses.append(batched_loss(theta.detach(), test, tables.user, tables.item))
+            grad, loss = loss_and_grad(theta.detach(), triples, tables.user, tables.item)
         norms = torch.stack([part.norm(dim=1) for part in torch.split(grad, sizes, dim=1)], 1)
         if config.stop_rule == "learned":
             p_stop, new_stop_hidden, new_stop_cell = stop_probability(
@@ -164,9 +168,14 @@ def adapt(
             new_hidden, new_cell = hidden, cell
         keep = active & ~stop_now
         theta = torch.where(keep[:, None], beta * theta - alpha * grad, theta)
-        # Recurrent states carry no gradient from step to step (first-order).
-        hidden = torch.where(keep[:, None, None], new_hidden.detach(), hidden)
-        cell = torch.where(keep[:, None, None], new_cell.detach(), cell)
+        # Recurrent states carry no gradient from step to step (first-order). While every
+        # scenario still learns (the common case) the masked copy of the large states is
+        # skipped.
+        if bool(keep.all()):
+            hidden, cell = new_hidden.detach(), new_cell.detach()
+        else:
+            hidden = torch.where(keep[:, None, None], new_hidden.detach(), hidden)
+            cell = torch.where(keep[:, None, None], new_cell.detach(), cell)
         stop_hidden = torch.where(keep[:, None], new_stop_hidden.detach(), stop_hidden)
         stop_cell = torch.where(keep[:, None], new_stop_cell.detach(), stop_cell)
         log_prob = torch.where(stop_now, torch.log(p_stop), torch.log1p(-p_stop))
@@ -189,7 +198,7 @@ def adapt(
             break
     if test is not None:
         with torch.no_grad():
-            test_losses.append(batched_loss(theta.detach(), test))
+            test_losses.append(batched_loss(theta.detach(), test, tables.user, tables.item))
 
     stacked = {name: torch.stack([r[name] for r in records], dim=1) for name in records[0]}
     return AdaptResult(
@@ -208,7 +217,62 @@ def adapt(
 
 def _segment_means(values: Tensor, sizes: list[int]) -> Tensor:
     """[S, K] mean of [S, n] over each parameter tensor's segment."""
-    return torch.stack([part.mean(dim=1) for part in torch.split(values, sizes, dim=1)], dim=1)
+    return values @ _segment_averaging(tuple(sizes), values.dtype, values.device)
+
+
+@functools.cache
+def _segment_averaging(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[n, K]: column k averages segment k (one matmul instead of K reductions)."""
+    segment = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    weights = 1.0 / torch.tensor(sizes, dtype=dtype)
+    return (torch.nn.functional.one_hot(segment, len(sizes)).to(dtype) * weights).to(device)
+
+
+def _batched_losses(
+    config: LearnerConfig, compiled: bool
+) -> tuple[
+    Callable[[Tensor, dict[str, Tensor], Tensor, Tensor], tuple[Tensor, Tensor]],
+    Callable[[Tensor, dict[str, Tensor], Tensor, Tensor], Tensor],
+]:
+    """(grad [S, n], loss [S]) and loss [S] of S scenarios' hinge losses, each at its own flat
+    parameters [S, n] on its own triples: vmap over the scenarios, the embedding tables
+    (user, item) shared. Both are constants to the meta-gradient (first-order)."""
+    return _recommender_losses(config.recommender, compiled)
+
+
+@functools.cache
+def _recommender_losses(
+    spec: RecommenderSpec, compiled: bool
+) -> tuple[
+    Callable[[Tensor, dict[str, Tensor], Tensor, Tensor], tuple[Tensor, Tensor]],
+    Callable[[Tensor, dict[str, Tensor], Tensor, Tensor], Tensor],
+]:
+    # One pair per recommender (not per learner config, so ablations share the compiled
+    # graphs), each its own function; `adapt` calls them without autograd's grad mode
+    # (torch.func.grad differentiates regardless, and dynamo guards on the mode), so
+    # torch.compile compiles each once per recommender and batch shape, within its recompile
+    # limit.
+    layout = ParamLayout.of(init_params(spec, torch.Generator().manual_seed(0)))
+
+    def loss_at(flat: Tensor, triples: dict[str, Tensor], user: Tensor, item: Tensor) -> Tensor:
+        return triples_loss(spec, layout, Tables(user, item), flat, triples)
+
+    in_dims = (0, 0, None, None)
+    with_grad = vmap(grad_and_value(loss_at), in_dims=in_dims)
+    loss_only = vmap(loss_at, in_dims=in_dims)
+
+    def grad_and_loss(
+        flat: Tensor, triples: dict[str, Tensor], user: Tensor, item: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return with_grad(flat, triples, user, item)
+
+    def loss(flat: Tensor, triples: dict[str, Tensor], user: Tensor, item: Tensor) -> Tensor:
+        return loss_only(flat, triples, user, item)
+
+    if compiled:
+        # Dynamic shapes: the batch of scenarios changes (meta-batch, validation, serving).
+        return torch.compile(grad_and_loss, dynamic=True), torch.compile(loss, dynamic=True)
+    return grad_and_loss, loss
 
 
 @functools.cache
@@ -217,7 +281,7 @@ def _compiled_update_gates() -> Callable[..., tuple[Tensor, Tensor, Tensor, Tens
 
 
 def triples_loss(
-    config: LearnerConfig,
+    spec: RecommenderSpec,
     layout: ParamLayout,
     tables: Tables,
     flat: Tensor,
@@ -225,7 +289,7 @@ def triples_loss(
 ) -> Tensor:
     """Hinge loss of one scenario's flat parameters [n] on its triples [M]."""
     return hinge_loss(
-        config.recommender,
+        spec,
         layout.unflatten(flat),
         tables.user[triples["users"]],
         tables.item[triples["positives"]],

@@ -108,7 +108,9 @@ def test_fixed_learning_rate_is_plain_sgd(tables):
     theta = meta["init"].clone()
     for t in range(5):
         flat = theta.clone().requires_grad_(True)
-        loss = triples_loss(config, layout, tables, flat, {k: v[0, t] for k, v in train.items()})
+        loss = triples_loss(
+            config.recommender, layout, tables, flat, {k: v[0, t] for k, v in train.items()}
+        )
         (grad,) = torch.autograd.grad(loss, flat)
         theta = theta - config.sgd_lr * grad
     torch.testing.assert_close(result.theta[0], theta, rtol=1e-5, atol=1e-6)
@@ -122,7 +124,9 @@ def test_learned_update_applies_the_gates(tables):
         result = adapt(meta, config, tables, train, torch.ones(1, 1))
     layout = layout_of(config)
     flat = meta["init"].clone().requires_grad_(True)
-    loss = triples_loss(config, layout, tables, flat, {k: v[0, 0] for k, v in train.items()})
+    loss = triples_loss(
+        config.recommender, layout, tables, flat, {k: v[0, 0] for k, v in train.items()}
+    )
     (grad,) = torch.autograd.grad(loss, flat)
     n, h = flat.shape[0], config.controller_hidden
     alpha, beta, _, _ = update_gates(
@@ -153,7 +157,11 @@ def test_meta_gradient_reaches_init_and_both_controllers(tables):
     final = torch.stack(
         [
             triples_loss(
-                config, layout, tables, result.theta[s], {k: v[s] for k, v in test.items()}
+                config.recommender,
+                layout,
+                tables,
+                result.theta[s],
+                {k: v[s] for k, v in test.items()},
             )
             for s in range(2)
         ]
@@ -167,13 +175,13 @@ def test_meta_gradient_reaches_init_and_both_controllers(tables):
     assert result.test_loss.shape[1] == result.train_loss.shape[1] + 1
 
 
-def test_compiled_controller_gives_the_same_adaptation(tables):
+def test_compiled_learner_gives_the_same_adaptation(tables):
     config = make_config(max_steps=6)
     meta = init_meta_params(config, torch.Generator().manual_seed(0))
     train, _ = scenario_batches(config, 2)
     uniforms = torch.rand(2, 6, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        eager = adapt(meta, config, tables, train, uniforms)
-        fast = adapt(meta, config, tables, train, uniforms, compiled=True)
+        eager = adapt(meta, config, tables, train, uniforms, fused=False)
+        fast = adapt(meta, config, tables, train, uniforms, compiled=True, fused=False)
     torch.testing.assert_close(fast.theta, eager.theta, rtol=1e-4, atol=1e-5)
     assert fast.steps.tolist() == eager.steps.tolist()

@@ -1,0 +1,104 @@
+"""The fused update-controller step (model/csrc/update_cell.cpp): built on first use with the
+machine's C++ compiler through torch's extension loader, and cached by torch
+(TORCH_EXTENSIONS_DIR). It computes the same gates as `controllers.update_gates` to float
+rounding, several times faster on the CPU; forward only, so it serves adaptation without
+autograd (evaluation, serving) and meta-training keeps the differentiable reference.
+Where it cannot be built (no compiler), adaptation logs why once and uses the reference.
+"""
+
+import functools
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import ninja
+import torch
+from torch import Tensor
+from torch.utils import cpp_extension
+
+from model.controllers import PREPROCESS_P, preprocess
+from model.params import Params
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "update_cell.cpp"
+HIDDEN_SIZES = (8, 16, 32)  # the sizes the kernel is instantiated for
+
+GatesFn = Callable[
+    [Params, list[int], Tensor, Tensor, Tensor, Tensor, Tensor],
+    tuple[Tensor, Tensor, Tensor, Tensor],
+]
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The built extension, or None (logged) where it cannot be built."""
+    # The instruction set is chosen from what this machine runs torch with, not -march=native,
+    # so a build cached on one machine stays valid on another of the same capability.
+    capability = torch.backends.cpu.get_cpu_capability()
+    isa_flags = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mfma"]}.get(capability, [])
+    if shutil.which("ninja") is None:
+        # The ninja wheel (a dependency) sits in the environment's bin, which is not on PATH
+        # when the environment's python runs without activation.
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+    try:
+        return cpp_extension.load(
+            name=f"s2meta_update_cell_{capability.lower()}",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-ffast-math", *isa_flags],
+            verbose=False,
+        )
+    except (OSError, ImportError, RuntimeError, subprocess.CalledProcessError) as error:
+        logger.warning("fused update cell unavailable, using the reference: %s", error)
+        return None
+
+
+def fused_update_gates(meta: Params, sizes: list[int], hidden_size: int) -> GatesFn | None:
+    """A drop-in for `controllers.update_gates` on these controller weights (packed once), or
+    None where the fused cell does not apply: autograd needs the controller's graph, the
+    weights are not float32 on the CPU, the hidden size is not built, or it cannot be built."""
+    controller = [value for name, value in meta.items() if name.startswith("update.")]
+    needs_graph = torch.is_grad_enabled() and any(w.requires_grad for w in controller)
+    if (
+        needs_graph
+        or hidden_size not in HIDDEN_SIZES
+        or any(w.device.type != "cpu" or w.dtype != torch.float32 for w in controller)
+    ):
+        return None
+    extension = load()
+    if extension is None:
+        return None
+    packed = [
+        torch.stack([meta[f"update.{k}.{part}"] for k in range(len(sizes))]).contiguous()
+        for part in ("weight", "bias", "out_weight", "out_bias")
+    ]
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+
+    def gates(
+        _meta: Params,
+        _sizes: list[int],
+        grad: Tensor,
+        theta: Tensor,
+        loss: Tensor,
+        hidden: Tensor,
+        cell: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        alpha, beta, new_hidden, new_cell = extension.update_gates(
+            grad.contiguous(),
+            theta.contiguous(),
+            preprocess(loss).contiguous(),
+            hidden.contiguous(),
+            cell.contiguous(),
+            *packed,
+            offsets,
+            PREPROCESS_P,
+        )
+        return alpha, beta, new_hidden, new_cell
+
+    return gates

@@ -1,0 +1,87 @@
+"""The fused update-controller cell against the reference controller it replaces."""
+
+import logging
+
+import pytest
+import torch
+
+from model import fused_cell
+from model.controllers import init_update_controller, update_gates
+from model.learner import adapt, init_meta_params
+from tests.test_learner import make_config, scenario_batches, tables  # noqa: F401
+
+
+def controller_inputs(sizes: list[int], scenarios: int, hidden_size: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    meta = init_update_controller(len(sizes), hidden_size, generator)
+    # Weights well away from their small initial values, so every gate is exercised.
+    meta = {name: torch.randn(v.shape, generator=generator) * 0.5 for name, v in meta.items()}
+    n = sum(sizes)
+    grad = torch.randn(scenarios, n, generator=generator) * 0.01
+    grad[:, :5] = 0.0  # both branches of the preprocessing: exact zeros and tiny values
+    grad[:, 5:12] *= 1e-4
+    theta = torch.randn(scenarios, n, generator=generator)
+    loss = torch.rand(scenarios, generator=generator) + 0.1
+    hidden = torch.randn(scenarios, n, hidden_size, generator=generator) * 0.3
+    cell = torch.randn(scenarios, n, hidden_size, generator=generator)
+    return meta, grad, theta, loss, hidden, cell
+
+
+@pytest.mark.parametrize("hidden_size", fused_cell.HIDDEN_SIZES)
+@pytest.mark.parametrize("scenarios", [1, 3])
+def test_fused_gates_equal_the_reference(hidden_size, scenarios):
+    # Segment sizes that are not multiples of the kernel's eight lanes, and a one-element one.
+    sizes = [37, 8, 1, 20, 64]
+    meta, *inputs = controller_inputs(sizes, scenarios, hidden_size, seed=hidden_size)
+    gates = fused_cell.fused_update_gates(meta, sizes, hidden_size)
+    assert gates is not None, "the fused cell should build on this machine"
+    with torch.no_grad():
+        expected = update_gates(meta, sizes, *inputs)
+        fused = gates(meta, sizes, *inputs)
+    for name, want, got in zip(("alpha", "beta", "hidden", "cell"), expected, fused, strict=True):
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6, msg=name)
+
+
+def test_fused_cell_steps_aside_when_the_controller_needs_a_graph():
+    sizes = [10, 3]
+    meta, *_ = controller_inputs(sizes, 1, 16, seed=0)
+    trainable = {name: value.clone().requires_grad_(True) for name, value in meta.items()}
+    assert fused_cell.fused_update_gates(trainable, sizes, 16) is None
+    with torch.no_grad():
+        assert fused_cell.fused_update_gates(trainable, sizes, 16) is not None
+    assert fused_cell.fused_update_gates(meta, sizes, 12) is None  # not a built hidden size
+
+
+@pytest.mark.parametrize("variant", ["interaction", "hybrid"])
+def test_adaptation_with_the_fused_cell_equals_the_reference(tables, variant):  # noqa: F811
+    config = make_config(variant, max_steps=8, min_steps=2)
+    generator = torch.Generator().manual_seed(3)
+    meta = init_meta_params(config, generator)
+    # A stop controller that stops part-way, so the masked path is taken too.
+    meta["stop.out_bias"] = torch.tensor([0.0])
+    train, _ = scenario_batches(config, 4, seed=5)
+    uniforms = torch.rand(4, 8, generator=generator)
+    with torch.no_grad():
+        reference = adapt(meta, config, tables, train, uniforms, fused=False)
+        fused = adapt(meta, config, tables, train, uniforms)
+    assert fused.steps.tolist() == reference.steps.tolist()
+    assert len(set(reference.steps.tolist())) > 1, "scenarios should stop at different steps"
+    torch.testing.assert_close(fused.theta, reference.theta, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.alpha_mean, reference.alpha_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_without_a_compiler_adaptation_falls_back_to_the_reference(monkeypatch, caplog):
+    def no_compiler(**_kwargs):
+        raise RuntimeError("Error building extension: no c++ compiler")
+
+    monkeypatch.setattr(fused_cell.cpp_extension, "load", no_compiler)
+    fused_cell.load.cache_clear()
+    try:
+        sizes = [10, 3]
+        meta, *_ = controller_inputs(sizes, 1, 16, seed=0)
+        with caplog.at_level(logging.WARNING, logger="model.fused_cell"):
+            assert fused_cell.fused_update_gates(meta, sizes, 16) is None
+        assert "no c++ compiler" in caplog.text
+    finally:
+        fused_cell.load.cache_clear()
