@@ -57,23 +57,55 @@ def load() -> ModuleType | None:
         return None
 
 
+class _FusedStep(torch.autograd.Function):
+    """One fused controller step; differentiable in the controller's weights through alpha
+    and beta (the other inputs and the new states are constants to the first-order
+    meta-gradient)."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        extension: ModuleType,
+        offsets: list[int],
+        inputs: tuple[Tensor, ...],
+        *weights: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        alpha, beta, hidden, cell = extension.update_gates(*inputs, *weights, offsets, PREPROCESS_P)
+        ctx.save_for_backward(*inputs, *weights)
+        ctx.extension, ctx.offsets = extension, offsets
+        ctx.mark_non_differentiable(hidden, cell)
+        return alpha, beta, hidden, cell
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx,
+        d_alpha: Tensor,
+        d_beta: Tensor,
+        _d_hidden: Tensor,
+        _d_cell: Tensor,
+    ) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        d_weights = ctx.extension.update_gates_backward(
+            *saved, ctx.offsets, PREPROCESS_P, d_alpha.contiguous(), d_beta.contiguous()
+        )
+        return (None, None, None, *d_weights)
+
+
 def fused_update_gates(meta: Params, sizes: list[int], hidden_size: int) -> GatesFn | None:
-    """A drop-in for `controllers.update_gates` on these controller weights (packed once), or
-    None where the fused cell does not apply: autograd needs the controller's graph, the
-    weights are not float32 on the CPU, the hidden size is not built, or it cannot be built."""
+    """A drop-in for `controllers.update_gates` on these controller weights (packed once, so
+    their gradients flow back through the packing), or None where the fused cell does not
+    apply: the weights are not float32 on the CPU, the hidden size is not built, or the cell
+    cannot be built here."""
     controller = [value for name, value in meta.items() if name.startswith("update.")]
-    needs_graph = torch.is_grad_enabled() and any(w.requires_grad for w in controller)
-    if (
-        needs_graph
-        or hidden_size not in HIDDEN_SIZES
-        or any(w.device.type != "cpu" or w.dtype != torch.float32 for w in controller)
+    if hidden_size not in HIDDEN_SIZES or any(
+        w.device.type != "cpu" or w.dtype != torch.float32 for w in controller
     ):
         return None
     extension = load()
     if extension is None:
         return None
     packed = [
-        torch.stack([meta[f"update.{k}.{part}"] for k in range(len(sizes))]).contiguous()
+        torch.stack([meta[f"update.{k}.{part}"] for k in range(len(sizes))])
         for part in ("weight", "bias", "out_weight", "out_bias")
     ]
     offsets = [0]
@@ -89,16 +121,10 @@ def fused_update_gates(meta: Params, sizes: list[int], hidden_size: int) -> Gate
         hidden: Tensor,
         cell: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        alpha, beta, new_hidden, new_cell = extension.update_gates(
-            grad.contiguous(),
-            theta.contiguous(),
-            preprocess(loss).contiguous(),
-            hidden.contiguous(),
-            cell.contiguous(),
-            *packed,
-            offsets,
-            PREPROCESS_P,
+        # The controller's inputs are constants (first-order), whatever their graph.
+        inputs = tuple(
+            x.detach().contiguous() for x in (grad, theta, preprocess(loss), hidden, cell)
         )
-        return alpha, beta, new_hidden, new_cell
+        return _FusedStep.apply(extension, offsets, inputs, *packed)
 
     return gates

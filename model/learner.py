@@ -114,8 +114,9 @@ def adapt(
     test: optional triples [S, M] whose hinge loss is recorded at every theta_t (detached).
     compiled: run the recommender's gradient and the differentiable update controller through
     torch.compile (same numbers to float rounding, faster after a one-off compilation).
-    Without autograd through the controller (evaluation, serving) the update controller runs
-    the fused CPU cell wherever it applies (model/fused_cell.py), unless fused is False.
+    fused: run the update controller as the fused CPU cell wherever it applies
+    (model/fused_cell.py; same numbers to float rounding, differentiable in the controller's
+    weights), else the reference `update_gates`.
     thetas: if given, theta_0, theta_1, ... [S, n] are appended to it (detached), for traces.
     """
     layout = layout_of(config)

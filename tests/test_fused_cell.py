@@ -43,14 +43,33 @@ def test_fused_gates_equal_the_reference(hidden_size, scenarios):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6, msg=name)
 
 
-def test_fused_cell_steps_aside_when_the_controller_needs_a_graph():
+@pytest.mark.parametrize("hidden_size", [8, 16])
+def test_fused_gradients_equal_the_reference(hidden_size):
+    sizes = [37, 8, 1, 20]
+    meta, *inputs = controller_inputs(sizes, 2, hidden_size, seed=7)
+    generator = torch.Generator().manual_seed(8)
+    d_alpha, d_beta = (torch.randn(2, sum(sizes), generator=generator) for _ in range(2))
+
+    def weight_gradients(gates_of) -> dict[str, torch.Tensor]:
+        trainable = {name: value.clone().requires_grad_(True) for name, value in meta.items()}
+        alpha, beta, _, _ = gates_of(trainable)(trainable, sizes, *inputs)
+        ((alpha * d_alpha).sum() + (beta * d_beta).sum()).backward()
+        return {name: value.grad for name, value in trainable.items()}
+
+    expected = weight_gradients(lambda _: update_gates)
+    fused = weight_gradients(lambda m: fused_cell.fused_update_gates(m, sizes, hidden_size))
+    for name, want in expected.items():
+        assert want.abs().sum() > 0, name
+        torch.testing.assert_close(fused[name], want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fused_cell_applies_only_where_it_is_built():
     sizes = [10, 3]
     meta, *_ = controller_inputs(sizes, 1, 16, seed=0)
-    trainable = {name: value.clone().requires_grad_(True) for name, value in meta.items()}
-    assert fused_cell.fused_update_gates(trainable, sizes, 16) is None
-    with torch.no_grad():
-        assert fused_cell.fused_update_gates(trainable, sizes, 16) is not None
+    assert fused_cell.fused_update_gates(meta, sizes, 16) is not None
     assert fused_cell.fused_update_gates(meta, sizes, 12) is None  # not a built hidden size
+    as_double = {name: value.double() for name, value in meta.items()}
+    assert fused_cell.fused_update_gates(as_double, sizes, 16) is None
 
 
 @pytest.mark.parametrize("variant", ["interaction", "hybrid"])
