@@ -155,7 +155,7 @@ def _add_training_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--compile",
         action="store_true",
-        help="run the update controller through torch.compile (faster after ~30 s compiling)",
+        help="run the recommender gradient (and the reference controller) through torch.compile",
     )
 
 
