@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# A quick table of every method: one seed, 150 meta-training steps of meta-batch 4 per
-# meta-trained configuration (10 to 20 minutes per dataset on 2 cores). The full table
-# (three seeds, the default budget) is `--seeds 3` without the budget flags.
+# A quick table of every method: seed 0 only, 150 meta-training steps of meta-batch 4 per
+# meta-trained configuration (`--compile`), one dataset after another. The three-seed table
+# is scripts/full_table.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh cpu
