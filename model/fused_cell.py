@@ -1,12 +1,13 @@
 """The fused update-controller step (model/csrc/update_cell.cpp): built on first use with the
 machine's C++ compiler through torch's extension loader, and cached by torch
 (TORCH_EXTENSIONS_DIR). It computes the same gates as `controllers.update_gates` to float
-rounding, several times faster on the CPU; forward only, so it serves adaptation without
-autograd (evaluation, serving) and meta-training keeps the differentiable reference.
-Where it cannot be built (no compiler), adaptation logs why once and uses the reference.
+rounding, several times faster on the CPU, and its backward gives the controller weights'
+gradients, so evaluation, serving and meta-training all run it. Where it cannot be built (no
+compiler), adaptation logs why once and uses the reference.
 """
 
 import functools
+import itertools
 import logging
 import os
 import shutil
@@ -108,9 +109,7 @@ def fused_update_gates(meta: Params, sizes: list[int], hidden_size: int) -> Gate
         torch.stack([meta[f"update.{k}.{part}"] for k in range(len(sizes))])
         for part in ("weight", "bias", "out_weight", "out_bias")
     ]
-    offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + size)
+    offsets = [0, *itertools.accumulate(sizes)]
 
     def gates(
         _meta: Params,

@@ -137,7 +137,7 @@ def adapt(
         else None
     )
     gates_fn = fused_gates or (_compiled_update_gates() if compiled else update_gates)
-    loss_and_grad, batched_loss = _batched_losses(config, compiled)
+    loss_and_grad, batched_loss = _recommender_losses(config.recommender, compiled)
 
     test_losses: list[Tensor] = []
     records: list[dict[str, Tensor]] = []
@@ -187,8 +187,8 @@ def adapt(
                 "decision_log_prob": torch.where(decided, log_prob, 0.0),
                 "decided": decided,
                 "stopped": stop_now,
-                "alpha_mean": _segment_means(alpha, sizes),
-                "beta_mean": _segment_means(beta, sizes),
+                "alpha_mean": _segment_means(alpha, layout),
+                "beta_mean": _segment_means(beta, layout),
             }
         )
         steps = steps + keep.long()
@@ -216,29 +216,16 @@ def adapt(
     )
 
 
-def _segment_means(values: Tensor, sizes: list[int]) -> Tensor:
+def _segment_means(values: Tensor, layout: ParamLayout) -> Tensor:
     """[S, K] mean of [S, n] over each parameter tensor's segment."""
-    return values @ _segment_averaging(tuple(sizes), values.dtype, values.device)
+    return values @ _segment_averaging(layout, values.dtype, values.device)
 
 
 @functools.cache
-def _segment_averaging(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+def _segment_averaging(layout: ParamLayout, dtype: torch.dtype, device: torch.device) -> Tensor:
     """[n, K]: column k averages segment k (one matmul instead of K reductions)."""
-    segment = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    weights = 1.0 / torch.tensor(sizes, dtype=dtype)
-    return (torch.nn.functional.one_hot(segment, len(sizes)).to(dtype) * weights).to(device)
-
-
-def _batched_losses(
-    config: LearnerConfig, compiled: bool
-) -> tuple[
-    Callable[[Tensor, dict[str, Tensor], Tensor, Tensor], tuple[Tensor, Tensor]],
-    Callable[[Tensor, dict[str, Tensor], Tensor, Tensor], Tensor],
-]:
-    """(grad [S, n], loss [S]) and loss [S] of S scenarios' hinge losses, each at its own flat
-    parameters [S, n] on its own triples: vmap over the scenarios, the embedding tables
-    (user, item) shared. Both are constants to the meta-gradient (first-order)."""
-    return _recommender_losses(config.recommender, compiled)
+    one_hot = torch.nn.functional.one_hot(layout.segment_ids(), len(layout.names)).to(dtype)
+    return (one_hot / torch.tensor(layout.sizes, dtype=dtype)).to(device)
 
 
 @functools.cache
@@ -248,6 +235,9 @@ def _recommender_losses(
     Callable[[Tensor, dict[str, Tensor], Tensor, Tensor], tuple[Tensor, Tensor]],
     Callable[[Tensor, dict[str, Tensor], Tensor, Tensor], Tensor],
 ]:
+    """(grad [S, n], loss [S]) and loss [S] of S scenarios' hinge losses, each at its own flat
+    parameters [S, n] on its own triples: vmap over the scenarios, the embedding tables
+    (user, item) shared. Both are constants to the meta-gradient (first-order)."""
     # One pair per recommender (not per learner config, so ablations share the compiled
     # graphs), each its own function; `adapt` calls them without autograd's grad mode
     # (torch.func.grad differentiates regardless, and dynamo guards on the mode), so
