@@ -3,10 +3,12 @@ line or setting and exit with code 2; nothing else is written when that happens.
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import redis
 import torch.distributed as dist
 from pydantic import ValidationError
 from tqdm import tqdm
@@ -26,7 +28,7 @@ from meta_training.prepare import Prepared, prepare
 from meta_training.registry import METHODS
 from meta_training.trace import trace_scenario
 from meta_training.train_job import AUTO, process_group, resolve_device, train_artifact
-from model.artifact import publish
+from model.artifact import PUBLISHED_EVENT, events_channel, publish
 from model.errors import RecommenderError
 
 EXIT_USAGE = 2
@@ -97,7 +99,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     publish_cmd.add_argument("artifact", type=Path, help="directory written by s2meta train")
     publish_cmd.add_argument("--registry", type=Path, required=True, help="registry directory")
+    publish_cmd.add_argument(
+        "--notify",
+        default=os.environ.get("S2META_REDIS_URL") or None,
+        metavar="REDIS_URL",
+        help="announce the new version to the service replicas on this Redis (default "
+        "$S2META_REDIS_URL; without it replicas find it at their next registry poll)",
+    )
+    publish_cmd.add_argument(
+        "--namespace",
+        default=os.environ.get("S2META_NAMESPACE", "s2meta"),
+        help="the service's key namespace (default $S2META_NAMESPACE, else s2meta)",
+    )
     publish_cmd.set_defaults(run=_run_publish)
+
+    # Dispatched by s2meta.cli before this parser runs; listed here for --help.
+    commands.add_parser("serve", help="run the online service (s2meta serve --help)")
 
     trace_cmd = commands.add_parser(
         "trace", help="plot one scenario's adaptation (the paper's Figure 2) as a PNG"
@@ -275,6 +292,14 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_publish(args: argparse.Namespace) -> int:
     version = publish(args.artifact, args.registry)
     print(version)
+    if args.notify:
+        event = json.dumps({"type": PUBLISHED_EVENT, "version": version})
+        try:
+            with redis.Redis.from_url(args.notify, socket_timeout=5) as client:
+                client.publish(events_channel(args.namespace), event)
+        except redis.RedisError as error:
+            # Published all the same: replicas pick it up at their next registry poll.
+            print(f"s2meta: warning: could not notify replicas: {error}", file=sys.stderr)
     return 0
 
 

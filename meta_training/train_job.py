@@ -13,7 +13,7 @@ from meta_training.config import EmbeddingConfig, MetaTrainConfig
 from meta_training.errors import SettingsError
 from meta_training.meta_train import TrainedLearner, meta_train, tables_of
 from meta_training.prepare import Prepared
-from model.artifact import Artifact, save_artifact
+from model.artifact import Artifact, MetaLearner, save_artifact
 from model.recommender import VARIANTS
 
 AUTO = "auto"
@@ -88,8 +88,13 @@ def train_artifact(
         return metrics
     save_artifact(
         Artifact(
-            meta=best.meta,
-            learner=best.learner,
+            # Every trained variant, so the service can adapt with any of them; the one
+            # chosen on meta-valid is the default.
+            learners={
+                name: MetaLearner(meta=result.meta, config=result.learner)
+                for name, result in results.items()
+            },
+            default_variant=chosen,
             tables=tables_of(prepared.embeddings),
             user_ids=benchmark.data.user_ids,
             item_ids=benchmark.data.item_ids,

@@ -1,10 +1,12 @@
 """The meta-learner artifact: everything serving needs, nothing of training.
 
 A directory:
-- `meta_learner.safetensors`: omega (initial parameters, update and stop controllers);
+- `meta_learner.<variant>.safetensors`: omega (initial parameters, update and stop
+  controllers) of each recommender variant that was meta-trained;
 - `embeddings.safetensors`: the fixed user and item embeddings;
 - `ids.json`: user and item ids in table order;
-- `config.json`: format version and the learner configuration;
+- `config.json`: format version, the default variant (chosen on meta-valid) and each
+  variant's learner configuration;
 - `metrics.json`: what training measured (meta-valid Recall@20, ...);
 - `manifest.json`: sha256 and size of every file above, written last.
 
@@ -29,35 +31,71 @@ from model.learner import LearnerConfig, Tables
 from model.params import Params
 from model.recommender import RecommenderSpec
 
-FORMAT_VERSION = 1
-FILES = (
-    "meta_learner.safetensors",
-    "embeddings.safetensors",
-    "ids.json",
-    "config.json",
-    "metrics.json",
-)
+FORMAT_VERSION = 2
+# Present in every artifact; the meta learners' files are named by config.json.
+COMMON_FILES = ("embeddings.safetensors", "ids.json", "config.json", "metrics.json")
 MANIFEST = "manifest.json"
 CURRENT = "current"
 VERSIONS = "versions"
+# What a publisher announces on the service's event channel (Redis pub/sub), so replicas load
+# a new version at once instead of at their next registry poll.
+PUBLISHED_EVENT = "meta_learner_published"
+
+
+def events_channel(namespace: str) -> str:
+    return f"{namespace}:events"
+
+
+@dataclass(frozen=True)
+class MetaLearner:
+    """One variant's omega and the learner configuration it was trained with."""
+
+    meta: Params
+    config: LearnerConfig
 
 
 @dataclass(frozen=True)
 class Artifact:
-    meta: Params
-    learner: LearnerConfig
+    learners: dict[str, MetaLearner]  # by recommender variant
+    default_variant: str
     tables: Tables
     user_ids: list[str]
     item_ids: list[str]
     metrics: dict[str, object]
 
+    def __post_init__(self) -> None:
+        if self.default_variant not in self.learners:
+            raise ArtifactError(
+                f"default variant {self.default_variant!r} is not among {sorted(self.learners)}"
+            )
+        for variant, learner in self.learners.items():
+            if learner.config.recommender.variant != variant:
+                raise ArtifactError(
+                    f"learner under {variant!r} is a {learner.config.recommender.variant!r}"
+                )
+
+    @property
+    def meta(self) -> Params:
+        """The default variant's omega."""
+        return self.learners[self.default_variant].meta
+
+    @property
+    def learner(self) -> LearnerConfig:
+        """The default variant's learner configuration."""
+        return self.learners[self.default_variant].config
+
+
+def _meta_file(variant: str) -> str:
+    return f"meta_learner.{variant}.safetensors"
+
 
 def save_artifact(artifact: Artifact, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.detach().contiguous() for k, v in artifact.meta.items()},
-        str(directory / "meta_learner.safetensors"),
-    )
+    for variant, learner in artifact.learners.items():
+        save_file(
+            {k: v.detach().contiguous() for k, v in learner.meta.items()},
+            str(directory / _meta_file(variant)),
+        )
     save_file(
         {"user": artifact.tables.user.contiguous(), "item": artifact.tables.item.contiguous()},
         str(directory / "embeddings.safetensors"),
@@ -65,10 +103,18 @@ def save_artifact(artifact: Artifact, directory: Path) -> None:
     _write_json(directory / "ids.json", {"users": artifact.user_ids, "items": artifact.item_ids})
     _write_json(
         directory / "config.json",
-        {"format_version": FORMAT_VERSION, "learner": dataclasses.asdict(artifact.learner)},
+        {
+            "format_version": FORMAT_VERSION,
+            "default_variant": artifact.default_variant,
+            "learners": {
+                variant: dataclasses.asdict(learner.config)
+                for variant, learner in artifact.learners.items()
+            },
+        },
     )
     _write_json(directory / "metrics.json", artifact.metrics)
-    manifest = {name: _file_entry(directory / name) for name in FILES}
+    names = (*COMMON_FILES, *(_meta_file(variant) for variant in artifact.learners))
+    manifest = {name: _file_entry(directory / name) for name in names}
     _write_json(directory / MANIFEST, {"format_version": FORMAT_VERSION, "files": manifest})
 
 
@@ -87,25 +133,44 @@ def verify_artifact(directory: Path) -> None:
             f"{manifest_path}: format version {manifest.get('format_version')!r}, "
             f"this code reads {FORMAT_VERSION}"
         )
-    for name in FILES:
+    if not isinstance(files, dict) or not set(COMMON_FILES) <= set(files):
+        raise ArtifactError(f"{manifest_path}: does not list {list(COMMON_FILES)}")
+    for name, entry in files.items():
         path = directory / name
-        if name not in files or not path.is_file():
+        if Path(name).name != name:
+            raise ArtifactError(f"{manifest_path}: file name {name!r} is not a plain name")
+        if not path.is_file():
             raise ArtifactError(f"{path}: missing")
-        if _file_entry(path) != files[name]:
+        if _file_entry(path) != entry:
             raise ArtifactError(f"{path}: sha256 does not match the manifest (corrupt)")
+    try:
+        config = json.loads((directory / "config.json").read_text())
+        learners = config["learners"]
+        default = config["default_variant"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ArtifactError(f"{directory / 'config.json'}: unreadable ({error})") from error
+    if default not in learners:
+        raise ArtifactError(f"{directory / 'config.json'}: default variant {default!r} missing")
+    missing = [v for v in learners if _meta_file(v) not in files]
+    if missing:
+        raise ArtifactError(f"{manifest_path}: no meta learner file for {missing}")
 
 
 def load_artifact(directory: Path) -> Artifact:
     directory = Path(directory)
     verify_artifact(directory)
     config = json.loads((directory / "config.json").read_text())
-    learner = config["learner"]
-    learner["recommender"] = RecommenderSpec(**learner["recommender"])
+    learners = {}
+    for variant, learner in config["learners"].items():
+        learner["recommender"] = RecommenderSpec(**learner["recommender"])
+        learners[variant] = MetaLearner(
+            meta=load_file(str(directory / _meta_file(variant))), config=LearnerConfig(**learner)
+        )
     embeddings = load_file(str(directory / "embeddings.safetensors"))
     ids = json.loads((directory / "ids.json").read_text())
     return Artifact(
-        meta=load_file(str(directory / "meta_learner.safetensors")),
-        learner=LearnerConfig(**learner),
+        learners=learners,
+        default_variant=config["default_variant"],
         tables=Tables(embeddings["user"], embeddings["item"]),
         user_ids=ids["users"],
         item_ids=ids["items"],
@@ -121,7 +186,7 @@ def publish(artifact_dir: Path, registry: Path) -> str:
     versions.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=versions))
     try:
-        for name in (*FILES, MANIFEST):
+        for name in (*_manifest_files(artifact_dir), MANIFEST):
             shutil.copy2(artifact_dir / name, staging / name)
         verify_artifact(staging)
         while True:
@@ -152,6 +217,10 @@ def current_version(registry: Path) -> str:
 def load_current(registry: Path) -> tuple[str, Artifact]:
     version = current_version(registry)
     return version, load_artifact(registry / VERSIONS / version)
+
+
+def _manifest_files(directory: Path) -> list[str]:
+    return list(json.loads((directory / MANIFEST).read_text())["files"])
 
 
 def _next_number(versions: Path) -> int:

@@ -58,8 +58,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "2 process(es)" in completed.stdout
-    one = load_file(str(single / "meta_learner.safetensors"))
-    two = load_file(str(double / "meta_learner.safetensors"))
+    one = load_file(str(single / "meta_learner.hybrid.safetensors"))
+    two = load_file(str(double / "meta_learner.hybrid.safetensors"))
     initial = init_meta_params(load_artifact(single).learner, torch.Generator().manual_seed(0))
     moved = max((one[k] - initial[k]).abs().max().item() for k in one)
     assert moved > 1e-4  # training did change the meta learner

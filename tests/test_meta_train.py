@@ -149,7 +149,8 @@ def test_train_publish_and_load(prepared, tmp_path, capsys):
     assert capsys.readouterr().out.split()[-2:] == ["v0001", "v0002"]
     version, loaded = load_current(registry)
     assert version == "v0002"
-    assert loaded.learner.recommender.variant == "hybrid"
+    assert loaded.learner.recommender.variant == loaded.default_variant == "hybrid"
+    assert list(loaded.learners) == ["hybrid"]
     assert loaded.tables.user.shape == (1090, 16)
     assert len(loaded.item_ids) == loaded.tables.item.shape[0] == 3646
 
@@ -160,7 +161,7 @@ def test_corrupt_or_partial_artifacts_are_refused(prepared, tmp_path, capsys):
     verify_artifact(artifact)
     registry = tmp_path / "registry"
     publish(artifact, registry)
-    blob = artifact / "meta_learner.safetensors"
+    blob = artifact / "meta_learner.mapping.safetensors"
     blob.write_bytes(blob.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(ArtifactError, match="sha256"):
         load_artifact(artifact)

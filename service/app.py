@@ -1,0 +1,103 @@
+"""The FastAPI application: settings in, lifespan loads the meta learner and opens the store,
+routes are thin over ScenarioService."""
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from model.errors import ArtifactError
+from service.adaptation import AdaptationInputError
+from service.learners import MetaLearners, resolve_device
+from service.metrics import ServiceMetrics
+from service.routes import router
+from service.scenarios import (
+    NoMetaLearnerError,
+    QueueFullError,
+    ScenarioNotFoundError,
+    ScenarioService,
+)
+from service.settings import Settings
+from service.store import StoreError, open_store
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.admin_token is None:
+            logger.warning("S2META_ADMIN_TOKEN is unset: the admin routes are open to anyone")
+        store = open_store(settings.redis_url, settings.namespace)
+        learners = MetaLearners(settings.registry, resolve_device(settings.device))
+        service = ScenarioService(settings, store, learners, metrics)
+        app.state.service = service
+        # Load the meta learner before serving (readiness waits for it); re-adaptation of
+        # stale scenarios runs in the background, not in the start-up path.
+        await service.refresh()
+        service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+            await store.close()
+
+    app = FastAPI(
+        title="s2meta",
+        summary="Cold-start recommendation for new scenarios with a sequential meta learner",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.include_router(router)
+
+    @app.middleware("http")
+    async def observe_latency(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.request_seconds.labels(
+            method=request.method,
+            route=getattr(route, "path", "unmatched"),
+            status=str(response.status_code),
+        ).observe(time.perf_counter() - start)
+        return response
+
+    def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+    @app.exception_handler(ScenarioNotFoundError)
+    async def not_found(_: Request, error: ScenarioNotFoundError) -> JSONResponse:
+        return problem(404, f"unknown scenario {error.args[0]!r}")
+
+    @app.exception_handler(AdaptationInputError)
+    async def bad_input(_: Request, error: AdaptationInputError) -> JSONResponse:
+        return problem(422, str(error))
+
+    @app.exception_handler(QueueFullError)
+    async def queue_full(_: Request, error: QueueFullError) -> JSONResponse:
+        detail = f"adaptation queue full ({error}); retry later"
+        return problem(429, detail, {"Retry-After": str(settings.retry_after_s)})
+
+    @app.exception_handler(NoMetaLearnerError)
+    async def no_learner(_: Request, error: NoMetaLearnerError) -> JSONResponse:
+        return problem(503, str(error))
+
+    @app.exception_handler(ArtifactError)
+    async def learner_unavailable(_: Request, error: ArtifactError) -> JSONResponse:
+        return problem(503, f"the scenario's meta learner cannot be loaded: {error}")
+
+    @app.exception_handler(StoreError)
+    async def store_down(_: Request, error: StoreError) -> JSONResponse:
+        return problem(503, f"scenario store unavailable: {error}")
+
+    return app

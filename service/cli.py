@@ -1,0 +1,54 @@
+"""`s2meta serve`: the service from settings (environment, prefix S2META_)."""
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.learners import resolve_device
+from service.recommenders import check_index_factory
+from service.settings import Settings
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="s2meta serve",
+        description="Serve adapt/recommend over HTTP. Settings come from the environment: "
+        "S2META_REGISTRY (registry directory), S2META_REDIS_URL (unset: in-process store), "
+        "S2META_ADMIN_TOKEN (unset: admin routes open), and the others in service/settings.py.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"S2META_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors()
+        )
+        print(f"s2meta serve: error: invalid settings: {problems}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        resolve_device(settings.device)
+        check_index_factory(settings.faiss_index)
+    except (ValueError, RuntimeError) as error:
+        print(f"s2meta serve: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if not settings.registry.is_dir():
+        print(
+            f"s2meta serve: error: S2META_REGISTRY={settings.registry}: not a directory",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0

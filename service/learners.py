@@ -1,0 +1,145 @@
+"""The published meta learners this process holds: the registry's `current` one, and older
+versions while a stored scenario still serves from one (its embeddings and id maps)."""
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import fused_cell
+from model.artifact import VERSIONS, Artifact, MetaLearner, current_version, load_artifact
+from model.errors import ArtifactError
+from model.learner import Tables
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    """One published artifact on the serving device, with its id maps."""
+
+    version: str
+    artifact: Artifact
+    user_rows: dict[str, int]
+    item_rows: dict[str, int]
+    user_has_embedding: np.ndarray  # [U] bool: a nonzero pretrained vector
+
+    @property
+    def tables(self) -> Tables:
+        return self.artifact.tables
+
+    def learner(self, variant: str | None) -> MetaLearner:
+        return self.artifact.learners[variant or self.artifact.default_variant]
+
+    def has_embedding(self, user: str) -> bool:
+        row = self.user_rows.get(user)
+        return row is not None and bool(self.user_has_embedding[row])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("S2META_DEVICE=cuda: no CUDA device is available here")
+    return torch.device(name)
+
+
+def load_version(registry: Path, version: str, device: torch.device) -> LoadedVersion:
+    """Load and verify (sha256 of every file) one published version; ArtifactError if it is
+    missing, partial or corrupt."""
+    artifact = load_artifact(registry / VERSIONS / version)
+    on_device = Artifact(
+        learners={
+            variant: MetaLearner({k: v.to(device) for k, v in learner.meta.items()}, learner.config)
+            for variant, learner in artifact.learners.items()
+        },
+        default_variant=artifact.default_variant,
+        tables=Tables(artifact.tables.user.to(device), artifact.tables.item.to(device)),
+        user_ids=artifact.user_ids,
+        item_ids=artifact.item_ids,
+        metrics=artifact.metrics,
+    )
+    if device.type == "cpu":
+        fused_cell.load()  # build (or find cached) the fused cell now, not in a first request
+    return LoadedVersion(
+        version=version,
+        artifact=on_device,
+        user_rows={user: row for row, user in enumerate(artifact.user_ids)},
+        item_rows={item: row for row, item in enumerate(artifact.item_ids)},
+        user_has_embedding=(artifact.tables.user != 0).any(dim=1).numpy(),
+    )
+
+
+class MetaLearners:
+    """Thread-safe: loading runs in worker threads, lookups on the event loop."""
+
+    def __init__(self, registry: Path, device: torch.device) -> None:
+        self.registry = registry
+        self.device = device
+        self._loaded: dict[str, LoadedVersion] = {}
+        self._current: str | None = None
+        self._refused: set[str] = set()
+        self._warned_unpublished = False
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> LoadedVersion | None:
+        with self._lock:
+            return self._loaded.get(self._current) if self._current else None
+
+    @property
+    def loaded_versions(self) -> list[str]:
+        with self._lock:
+            return sorted(self._loaded)
+
+    def refresh(self) -> str | None:
+        """Load the registry's current version if it is new; returns it when this call
+        switched to it. A version that fails verification is refused (logged once) and the
+        process stays on what it had."""
+        try:
+            version = current_version(self.registry)
+        except ArtifactError as error:
+            if not self._warned_unpublished:
+                logger.warning("no meta learner to load yet: %s", error)
+                self._warned_unpublished = True
+            return None
+        with self._lock:
+            if version == self._current or version in self._refused:
+                return None
+        try:
+            loaded = self.get(version)
+        except ArtifactError as error:
+            logger.error(
+                "refusing meta learner %s, staying on %s: %s", version, self._current, error
+            )
+            with self._lock:
+                self._refused.add(version)
+            return None
+        with self._lock:
+            self._current = loaded.version
+        logger.info(
+            "meta learner %s loaded (variants %s)", version, sorted(loaded.artifact.learners)
+        )
+        return version
+
+    def get(self, version: str) -> LoadedVersion:
+        """A loaded version, loading it from the registry if this process does not hold it
+        (a scenario adapted by another replica, or before a restart)."""
+        with self._lock:
+            if version in self._loaded:
+                return self._loaded[version]
+        loaded = load_version(self.registry, version, self.device)
+        with self._lock:
+            return self._loaded.setdefault(version, loaded)
+
+    def retain(self, versions: set[str]) -> list[str]:
+        """Unload every version but the current one and `versions`; returns those dropped."""
+        with self._lock:
+            keep = versions | ({self._current} if self._current else set())
+            dropped = [v for v in self._loaded if v not in keep]
+            for version in dropped:
+                del self._loaded[version]
+        return dropped

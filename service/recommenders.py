@@ -1,0 +1,208 @@
+"""Adapted recommenders built from stored scenario records, and top-n from them.
+
+Interaction and hybrid variants score the whole pool in batched forwards on the device. The
+mapping variant indexes the adapted item-tower vectors of the pool in FAISS (exact inner
+product by default; an index factory string for approximate indexes on large pools; a GPU
+index when faiss sees a GPU and the service runs on CUDA) and queries with the user-tower
+vector.
+"""
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load
+from torch import Tensor
+
+from model.learner import layout_of
+from model.params import Params
+from model.recommender import RecommenderSpec, item_vector, score_pool, user_vector
+from service.learners import LoadedVersion
+from service.store import StoredScenario
+
+logger = logging.getLogger(__name__)
+
+SCORE_CHUNK = 65_536  # pool items per forward (bounds memory on million-item pools)
+
+
+@dataclass(frozen=True)
+class Ranked:
+    source: str  # "adapted" | "popular"
+    items: list[tuple[str, float]]
+
+
+class AdaptedRecommender:
+    """One scenario revision, ready to rank its pool for a user."""
+
+    def __init__(
+        self,
+        scenario_id: str,
+        stored: StoredScenario,
+        loaded: LoadedVersion,
+        faiss_index: str,
+        faiss_min_pool: int,
+    ) -> None:
+        meta = stored.state.meta
+        self.scenario_id = scenario_id
+        self.revision = stored.revision
+        self.meta_learner = str(meta["meta_learner"])
+        self.loaded = loaded
+        config = loaded.learner(str(meta["variant"])).config
+        self.spec: RecommenderSpec = config.recommender
+        theta = load(stored.state.params)["theta"].to(loaded.tables.user.device)
+        self.params: Params = layout_of(config).unflatten(theta)
+
+        item_rows = loaded.item_rows
+        rows = sorted(item_rows[i] for i in stored.state.candidates if i in item_rows)
+        self.pool_ids = [loaded.artifact.item_ids[row] for row in rows]
+        position = {item: k for k, item in enumerate(self.pool_ids)}
+        counts = np.zeros(len(rows), dtype=np.float32)
+        for item, count in stored.state.popularity:
+            if item in position:
+                counts[position[item]] = count
+        # Most popular first, ties in pool order: the fallback for users without an embedding.
+        self.popular_order = np.argsort(-counts, kind="stable")
+        self.popular_counts = counts
+        self.seen: dict[str, list[int]] = {}
+        for user, item in stored.state.interactions:
+            if item in position:
+                self.seen.setdefault(user, []).append(position[item])
+
+        device = loaded.tables.item.device
+        pool_rows = torch.as_tensor(rows, dtype=torch.long, device=device)
+        self.pool_embeddings = loaded.tables.item[pool_rows]
+        self.pool_pop = torch.log1p(torch.as_tensor(counts, device=device))
+        self.index: Any = None
+        if self.spec.variant == "mapping":
+            with torch.no_grad():
+                vectors = item_vector(self.spec, self.params, self.pool_embeddings)
+            self.index = build_index(
+                vectors.float().cpu().numpy(), faiss_index, faiss_min_pool, device
+            )
+
+    def recommend(self, user: str, n: int, exclude_seen: bool) -> Ranked:
+        excluded = set(self.seen.get(user, ())) if exclude_seen else set()
+        wanted = min(n + len(excluded), len(self.pool_ids))
+        if not self.loaded.has_embedding(user):
+            order = [int(k) for k in self.popular_order if int(k) not in excluded][:n]
+            return Ranked(
+                "popular", [(self.pool_ids[k], float(self.popular_counts[k])) for k in order]
+            )
+        user_embedding = self.loaded.tables.user[self.loaded.user_rows[user]][None, :]
+        with torch.no_grad():
+            if self.index is not None:
+                query = user_vector(self.spec, self.params, user_embedding)
+                scores, positions = self.index.search(query.float().cpu().numpy(), wanted)
+                ranked = zip(positions[0].tolist(), scores[0].tolist(), strict=True)
+            else:
+                scores = self._score_pool(user_embedding)
+                top = torch.topk(scores, wanted)
+                ranked = zip(top.indices.tolist(), top.values.tolist(), strict=True)
+        items = [(self.pool_ids[k], s) for k, s in ranked if k >= 0 and k not in excluded]
+        return Ranked("adapted", items[:n])
+
+    def _score_pool(self, user_embedding: Tensor) -> Tensor:
+        return torch.cat(
+            [
+                score_pool(self.spec, self.params, user_embedding, pool, pop)[0]
+                for pool, pop in zip(
+                    torch.split(self.pool_embeddings, SCORE_CHUNK),
+                    torch.split(self.pool_pop, SCORE_CHUNK),
+                    strict=True,
+                )
+            ]
+        )
+
+
+_gpu_resources: Any = None
+
+
+def _faiss() -> Any:  # the faiss module (no type stubs)
+    try:
+        import faiss
+    except ImportError as error:
+        raise RuntimeError(
+            "the mapping variant needs faiss: install s2meta[cpu] or s2meta[gpu]"
+        ) from error
+    return faiss
+
+
+def check_index_factory(factory: str) -> None:
+    """Raise ValueError unless faiss can build `factory` (checked once at start)."""
+    faiss = _faiss()
+    try:
+        faiss.index_factory(8, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise ValueError(
+            f"S2META_FAISS_INDEX={factory!r}: not a faiss index factory string"
+        ) from error
+
+
+def build_index(vectors: np.ndarray, factory: str, min_pool: int, device: torch.device) -> Any:
+    """An inner-product FAISS index over vectors [P, D]: `factory` for pools of at least
+    `min_pool` items (exact "Flat" below that, or where the pool is too small to train the
+    factory's index), on the GPU when faiss has one and the service runs on CUDA."""
+    faiss = _faiss()
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    description = factory if len(vectors) >= min_pool else "Flat"
+    index = faiss.index_factory(vectors.shape[1], description, faiss.METRIC_INNER_PRODUCT)
+    if device.type == "cuda" and faiss.get_num_gpus() > 0:
+        global _gpu_resources
+        if _gpu_resources is None:
+            _gpu_resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(_gpu_resources, device.index or 0, index)
+    if not index.is_trained:
+        try:
+            index.train(vectors)
+        except RuntimeError as error:
+            logger.warning(
+                "index %r cannot be trained on a pool of %d (%s); using the exact Flat index",
+                description,
+                len(vectors),
+                error,
+            )
+            return build_index(vectors, "Flat", 0, device)
+    index.add(vectors)
+    return index
+
+
+class RecommenderCache:
+    """Adapted recommenders by (scenario, revision), least recently used dropped first.
+    A new revision is a new key, so a replica never serves a stale one once it has read the
+    revision from the store."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[str, int], AdaptedRecommender] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, scenario_id: str, revision: int) -> AdaptedRecommender | None:
+        with self._lock:
+            entry = self._entries.get((scenario_id, revision))
+            if entry is not None:
+                self._entries.move_to_end((scenario_id, revision))
+            return entry
+
+    def put(self, recommender: AdaptedRecommender) -> None:
+        with self._lock:
+            held = [k for k in self._entries if k[0] == recommender.scenario_id]
+            if any(revision > recommender.revision for _, revision in held):
+                return  # built from a read that a newer revision has overtaken
+            for key in held:
+                del self._entries[key]
+            self._entries[(recommender.scenario_id, recommender.revision)] = recommender
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def drop(self, scenario_id: str) -> None:
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == scenario_id]:
+                del self._entries[key]
+
+    def versions(self) -> set[str]:
+        with self._lock:
+            return {entry.meta_learner for entry in self._entries.values()}

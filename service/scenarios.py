@@ -1,0 +1,331 @@
+"""The service's work behind the routes: adapt, recommend, scenario bookkeeping, and the
+meta-learner lifecycle (hot reload, re-adaptation across replicas)."""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from model.artifact import PUBLISHED_EVENT
+from service.adaptation import AdaptationInputError, Registration, adapt_registration, registration
+from service.learners import LoadedVersion, MetaLearners
+from service.metrics import ServiceMetrics
+from service.recommenders import AdaptedRecommender, Ranked, RecommenderCache
+from service.settings import Settings
+from service.store import ScenarioState, ScenarioStore, StoredScenario, StoreError
+
+logger = logging.getLogger(__name__)
+
+LIST_PAGE = 500
+
+
+class ScenarioNotFoundError(LookupError):
+    pass
+
+
+class NoMetaLearnerError(RuntimeError):
+    pass
+
+
+class QueueFullError(RuntimeError):
+    pass
+
+
+class ScenarioService:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ScenarioStore,
+        learners: MetaLearners,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.learners = learners
+        self.metrics = metrics
+        self.cache = RecommenderCache(settings.cache_scenarios)
+        # Adaptations get their own bounded pool; recommends run in the loop's default pool,
+        # so they never wait behind an adaptation.
+        self._adapt_pool = ThreadPoolExecutor(settings.adapt_workers, thread_name_prefix="adapt")
+        self._in_flight = 0
+        self._wake = asyncio.Event()
+        self._sweep_lock = asyncio.Lock()
+        self._failed_readapts: set[tuple[str, str]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- adapt and recommend -------------------------------------------------------------
+
+    async def adapt(
+        self,
+        scenario_id: str,
+        interactions: list[tuple[str, str]],
+        candidates: list[str],
+        variant: str | None,
+        seed: int | None,
+    ) -> dict[str, object]:
+        loaded = self.learners.current
+        if loaded is None:
+            raise NoMetaLearnerError("no meta learner is loaded yet")
+        self._check_limits(interactions, candidates)
+        if self._in_flight >= self.settings.adapt_workers + self.settings.adapt_queue:
+            self.metrics.adaptations_rejected.inc()
+            raise QueueFullError(f"{self._in_flight} adaptations are running or queued")
+        chosen_seed = self.settings.adapt_seed if seed is None else seed
+
+        def run() -> ScenarioState:
+            return adapt_registration(
+                loaded,
+                scenario_id,
+                registration(interactions, candidates, variant, chosen_seed),
+                self.settings.min_interactions,
+            )
+
+        state = await self._run_adaptation(run, trigger="request")
+        revision = await self.store.put(scenario_id, state)
+        assert revision is not None  # unconditional writes always take a revision
+        return {"scenario": scenario_id, "revision": revision, **state.meta}
+
+    def _check_limits(self, interactions: list[tuple[str, str]], candidates: list[str]) -> None:
+        if not interactions:
+            raise AdaptationInputError("no interactions: a scenario needs a few to adapt on")
+        if len(interactions) > self.settings.max_interactions:
+            raise AdaptationInputError(
+                f"{len(interactions)} interactions, at most {self.settings.max_interactions}"
+            )
+        if len(candidates) > self.settings.max_candidates:
+            raise AdaptationInputError(
+                f"{len(candidates)} candidates, at most {self.settings.max_candidates}"
+            )
+
+    async def _run_adaptation(
+        self, work: Callable[[], ScenarioState], trigger: str
+    ) -> ScenarioState:
+        self._in_flight += 1
+        self.metrics.adaptations_in_flight.set(self._in_flight)
+        try:
+            start = time.perf_counter()
+            state = await asyncio.get_running_loop().run_in_executor(self._adapt_pool, work)
+        finally:
+            self._in_flight -= 1
+            self.metrics.adaptations_in_flight.set(self._in_flight)
+        self.metrics.adaptation_seconds.labels(trigger=trigger).observe(time.perf_counter() - start)
+        self.metrics.adaptation_steps.observe(float(state.meta["steps"]))  # type: ignore[arg-type]
+        self.metrics.stop_reasons.labels(reason=str(state.meta["stopped_by"])).inc()
+        return state
+
+    async def recommend(
+        self, scenario_id: str, user: str, n: int, exclude_seen: bool
+    ) -> dict[str, object]:
+        recommender = await self._recommender(scenario_id)
+        ranked: Ranked = await asyncio.to_thread(recommender.recommend, user, n, exclude_seen)
+        if ranked.source == "popular":
+            self.metrics.popular_fallbacks.inc()
+        return {
+            "user": user,
+            "scenario": scenario_id,
+            "revision": recommender.revision,
+            "meta_learner": recommender.meta_learner,
+            "source": ranked.source,
+            "items": [{"item": item, "score": score} for item, score in ranked.items],
+        }
+
+    async def _recommender(self, scenario_id: str) -> AdaptedRecommender:
+        revision = await self.store.revision(scenario_id)
+        if revision is None:
+            raise ScenarioNotFoundError(scenario_id)
+        cached = self.cache.get(scenario_id, revision)
+        if cached is not None:
+            self.metrics.cache_hits.inc()
+            return cached
+        self.metrics.cache_misses.inc()
+        stored = await self.store.get(scenario_id)
+        if stored is None:  # deleted between the two reads
+            raise ScenarioNotFoundError(scenario_id)
+        recommender = await asyncio.to_thread(self._build, scenario_id, stored)
+        self.cache.put(recommender)
+        return recommender
+
+    def _build(self, scenario_id: str, stored: StoredScenario) -> AdaptedRecommender:
+        loaded = self.learners.get(str(stored.state.meta["meta_learner"]))
+        return AdaptedRecommender(
+            scenario_id,
+            stored,
+            loaded,
+            self.settings.faiss_index,
+            self.settings.faiss_min_pool,
+        )
+
+    # ---- bookkeeping ---------------------------------------------------------------------
+
+    def _with_status(self, meta: dict[str, object]) -> dict[str, object]:
+        current = self.learners.current
+        stale = current is not None and meta["meta_learner"] != current.version
+        return {**meta, "status": "readapting" if stale else "ready"}
+
+    async def describe(self, scenario_id: str) -> dict[str, object]:
+        meta = await self.store.get_meta(scenario_id)
+        if meta is None:
+            raise ScenarioNotFoundError(scenario_id)
+        return self._with_status(meta)
+
+    async def list_scenarios(self, after: str | None, limit: int) -> list[dict[str, object]]:
+        return [self._with_status(meta) for meta in await self.store.list_meta(after, limit)]
+
+    async def delete(self, scenario_id: str) -> None:
+        if not await self.store.delete(scenario_id):
+            raise ScenarioNotFoundError(scenario_id)
+        self.cache.drop(scenario_id)
+
+    async def readiness(self) -> str | None:
+        """None when ready, else why not."""
+        if self.learners.current is None:
+            return "no meta learner loaded"
+        try:
+            await self.store.ping()
+        except StoreError as error:
+            return f"scenario store unavailable: {error}"
+        return None
+
+    # ---- meta-learner lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._watch_registry(), name="watch-registry"),
+            asyncio.create_task(self._listen_for_events(), name="listen-events"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._adapt_pool.shutdown(wait=True, cancel_futures=True)
+
+    async def refresh(self) -> str | None:
+        """Load the registry's current meta learner if it is new, and tell the other
+        replicas. Returns the version switched to, if any."""
+        switched = await asyncio.to_thread(self.learners.refresh)
+        current = self.learners.current
+        if current is not None:
+            self.metrics.set_current_version(current.version)
+        if switched is not None:
+            try:
+                await self.store.publish({"type": PUBLISHED_EVENT, "version": switched})
+            except StoreError as error:
+                logger.warning("could not notify other replicas of %s: %s", switched, error)
+        return switched
+
+    async def _watch_registry(self) -> None:
+        """Each round: refresh, then re-adapt what still runs on an older meta learner.
+        Polling is the fallback; a published event from any replica wakes it early."""
+        while True:
+            try:
+                await self.refresh()
+                current = self.learners.current
+                if current is not None:
+                    await self.readapt_stale(current)
+            except StoreError as error:
+                logger.warning("re-adaptation paused, store unavailable: %s", error)
+            except Exception:
+                # A background loop must outlive one bad round; the traceback is logged.
+                logger.exception("meta-learner refresh failed")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.reload_poll_s)
+
+    async def _listen_for_events(self) -> None:
+        while True:
+            try:
+                async for event in self.store.events():
+                    if event.get("type") == PUBLISHED_EVENT:
+                        self._wake.set()
+            except StoreError as error:
+                logger.warning("event subscription lost, polling only until it is back: %s", error)
+            await asyncio.sleep(self.settings.reload_poll_s)
+
+    async def _all_meta(self) -> AsyncIterator[dict[str, object]]:
+        after = None
+        while True:
+            page = await self.store.list_meta(after, LIST_PAGE)
+            for meta in page:
+                yield meta
+            if len(page) < LIST_PAGE:
+                return
+            after = str(page[-1]["scenario"])
+
+    async def readapt_stale(self, current: LoadedVersion) -> None:
+        """Re-adapt, from its stored interactions, every scenario adapted by an older meta
+        learner: each once across all replicas (a store lock per scenario and version), the
+        new revision written only if the scenario did not change meanwhile. Until then each
+        scenario keeps serving its revision (its meta learner stays loaded)."""
+        async with self._sweep_lock:
+            stale = [
+                str(meta["scenario"])
+                async for meta in self._all_meta()
+                if meta["meta_learner"] != current.version
+            ]
+            self.metrics.readapt_backlog.set(len(stale))
+            for scenario_id in stale:
+                if (scenario_id, current.version) in self._failed_readapts:
+                    continue
+                lock = f"readapt:{scenario_id}:{current.version}"
+                token = await self.store.acquire_lock(lock, self.settings.readapt_lock_s)
+                if token is None:
+                    continue  # another replica is on it
+                try:
+                    await self._readapt(scenario_id, current)
+                finally:
+                    await self.store.release_lock(lock, token)
+            referenced = set()
+            backlog = 0
+            async for meta in self._all_meta():
+                referenced.add(str(meta["meta_learner"]))
+                backlog += meta["meta_learner"] != current.version
+            self.metrics.readapt_backlog.set(backlog)
+            dropped = self.learners.retain(referenced | self.cache.versions())
+            if dropped:
+                logger.info("unloaded meta learners no scenario uses: %s", dropped)
+
+    async def _readapt(self, scenario_id: str, current: LoadedVersion) -> None:
+        stored = await self.store.get(scenario_id)
+        if stored is None or stored.state.meta["meta_learner"] == current.version:
+            return
+        meta = stored.state.meta
+        variant = str(meta["variant"])
+        registered = Registration(
+            interactions=stored.state.interactions,
+            candidates=stored.state.candidates,
+            variant=variant if variant in current.artifact.learners else None,
+            seed=int(meta["seed"]),  # type: ignore[call-overload]
+        )
+
+        def run() -> ScenarioState:
+            return adapt_registration(
+                current, scenario_id, registered, self.settings.min_interactions
+            )
+
+        try:
+            state = await self._run_adaptation(run, trigger="reload")
+        except AdaptationInputError as error:
+            self._failed_readapts.add((scenario_id, current.version))
+            logger.warning(
+                "scenario %s stays on %s: cannot re-adapt with %s: %s",
+                scenario_id,
+                meta["meta_learner"],
+                current.version,
+                error,
+            )
+            return
+        revision = await self.store.put(scenario_id, state, expected_revision=stored.revision)
+        if revision is None:
+            logger.info("scenario %s changed during its re-adaptation; kept the newer", scenario_id)
+        else:
+            logger.info(
+                "scenario %s re-adapted with %s: revision %d",
+                scenario_id,
+                current.version,
+                revision,
+            )

@@ -1,0 +1,108 @@
+"""Request and response models at the API's edge."""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+SCENARIO_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+# User and item ids are the dataset's ids as strings: anything printable, 1 to 256 chars.
+EntityId = Annotated[
+    str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+VariantName = Literal["interaction", "mapping", "hybrid"]
+
+
+class Interaction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user: EntityId
+    item: EntityId
+
+
+class AdaptRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    interactions: list[Interaction] = Field(
+        description="the scenario's few known (user, item) interactions"
+    )
+    candidates: list[EntityId] = Field(
+        description="the scenario's item pool: what is ranked, and where negatives come from"
+    )
+    variant: VariantName | None = Field(
+        None, description="recommender variant; null: the meta learner's default"
+    )
+    seed: int | None = Field(
+        None, ge=0, le=2**32 - 1, description="seed of the learning's draws; null: the default"
+    )
+
+
+class Ignored(BaseModel):
+    unknown_users: list[str]
+    unknown_items: list[str]
+
+
+class Counts(BaseModel):
+    registered_interactions: int
+    registered_candidates: int
+    users: int
+
+
+class ScenarioSummary(BaseModel):
+    scenario: str
+    revision: int
+    status: Literal["ready", "readapting"] = Field(
+        description="readapting: adapted by an older meta learner; re-adaptation is pending"
+    )
+    meta_learner: str
+    variant: VariantName
+    created_at: float = Field(description="seconds since the epoch")
+    used_interactions: int
+    num_candidates: int
+    counts: Counts
+
+
+class LearningTrace(BaseModel):
+    steps: int
+    stopped_by: Literal["stop_controller", "max_steps"]
+    train_loss: list[float] = Field(description="loss before each step's update")
+    stop_probability: list[float] = Field(description="the stop controller's p_t per step")
+
+
+class ScenarioDetail(ScenarioSummary, LearningTrace):
+    seed: int
+    ignored: Ignored
+    duration_ms: float
+
+
+class AdaptResponse(LearningTrace):
+    scenario: str
+    revision: int
+    meta_learner: str
+    variant: VariantName
+    used_interactions: int
+    ignored: Ignored
+    num_candidates: int
+    duration_ms: float
+
+
+class ScoredItem(BaseModel):
+    item: str
+    score: float
+
+
+class RecommendResponse(BaseModel):
+    user: str
+    scenario: str
+    revision: int
+    meta_learner: str
+    source: Literal["adapted", "popular"] = Field(
+        description="popular: the user has no embedding, so the scenario's popular items"
+    )
+    items: list[ScoredItem]
+
+
+class ScenarioPage(BaseModel):
+    scenarios: list[ScenarioSummary]
+    next: str | None = Field(description="pass as `after` for the next page; null at the end")
+
+
+class Problem(BaseModel):
+    detail: str

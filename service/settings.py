@@ -1,0 +1,46 @@
+"""The service's settings: one `Settings`, read from the environment (prefix `S2META_`)."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="S2META_", extra="ignore")
+
+    registry: Path = Field(
+        Path("registry"), description="the meta-learner registry directory (s2meta publish)"
+    )
+    redis_url: str | None = Field(
+        None, description="Redis URL for shared scenario state; unset or empty: in-process store"
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token for the admin routes; unset: open (warned at start)"
+    )
+    namespace: str = Field("s2meta", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="key prefix")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    max_interactions: int = Field(10_000, ge=1)
+    max_candidates: int = Field(1_000_000, ge=2)
+    min_interactions: int = Field(8, ge=1)
+    adapt_seed: int = Field(0, description="the stop draws' and triples' seed when none is given")
+    adapt_workers: int = Field(1, ge=1, description="adaptations running at once")
+    adapt_queue: int = Field(8, ge=0, description="adaptations waiting beyond the running ones")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After of a 429")
+
+    cache_scenarios: int = Field(256, ge=1, description="adapted recommenders kept in process")
+    faiss_index: str = Field(
+        "Flat", description="FAISS index factory string for the mapping variant's pools"
+    )
+    faiss_min_pool: int = Field(
+        0, ge=0, description="pools smaller than this use the exact Flat index regardless"
+    )
+    reload_poll_s: float = Field(5.0, gt=0, description="registry polling interval")
+    readapt_lock_s: int = Field(600, ge=1, description="how long a re-adaptation lock lives")
+
+    @field_validator("redis_url", "admin_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value

@@ -1,0 +1,192 @@
+"""Hot reload of newly published meta learners: polling and Redis notification, each
+scenario re-adapted once across replicas and switched atomically, old versions kept while
+needed, corrupt versions refused."""
+
+import asyncio
+import logging
+import threading
+
+import pytest
+import redis
+from conftest import REDIS_URL, running
+
+from meta_training.cli import main as offline_main
+from model.artifact import events_channel, publish
+from service import scenarios as scenarios_module
+from service.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+
+async def wait_for(condition, timeout_s: float = 30.0, what: str = "condition") -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def held_first_call(monkeypatch) -> threading.Event:
+    """Hold the first adaptation until the returned event is set; later ones run freely."""
+    release = threading.Event()
+    real = scenarios_module.adapt_registration
+    calls = []
+
+    def adaptation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            release.wait(timeout=60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scenarios_module, "adapt_registration", adaptation)
+    return release
+
+
+async def test_polling_reload_serves_old_revision_until_readapted(
+    trained, registry, lastfm_scenario, monkeypatch
+):
+    scenario = lastfm_scenario
+    settings = Settings(registry=registry, reload_poll_s=0.1, adapt_workers=2)
+    params = {"user": scenario.eval_user, "scenario": scenario.scenario_id}
+    async with running(settings) as (app, client):
+        service = app.state.service
+        await client.post(f"/scenarios/{scenario.scenario_id}/adapt", json=scenario.body())
+        release = held_first_call(monkeypatch)
+        publish(trained[0], registry)  # v0002, found by polling
+
+        async def switched() -> bool:
+            current = service.learners.current
+            return current is not None and current.version == "v0002"
+
+        await wait_for(switched, what="v0002 loaded")
+        # Re-adaptation is held: the scenario still serves revision 1 from v0001.
+        await asyncio.sleep(0.3)
+        detail = (await client.get(f"/scenarios/{scenario.scenario_id}")).json()
+        assert detail["status"] == "readapting" and detail["meta_learner"] == "v0001"
+        served = (await client.get("/recommend", params=params)).json()
+        assert (served["revision"], served["meta_learner"]) == (1, "v0001")
+        assert service.learners.loaded_versions == ["v0001", "v0002"]
+        assert "s2meta_readapt_backlog 1.0" in (await client.get("/metrics")).text
+        release.set()
+
+        async def readapted() -> bool:
+            meta = await service.store.get_meta(scenario.scenario_id)
+            return meta["meta_learner"] == "v0002"
+
+        await wait_for(readapted, what="re-adaptation")
+        served = (await client.get("/recommend", params=params)).json()
+        assert (served["revision"], served["meta_learner"]) == (2, "v0002")
+        detail = (await client.get(f"/scenarios/{scenario.scenario_id}")).json()
+        assert detail["status"] == "ready"
+
+        async def unloaded() -> bool:
+            return service.learners.loaded_versions == ["v0002"]
+
+        await wait_for(unloaded, what="v0001 unloaded")
+        metrics = (await client.get("/metrics")).text
+        assert "s2meta_readapt_backlog 0.0" in metrics
+        assert 's2meta_meta_learner_loaded{version="v0002"} 1.0' in metrics
+
+
+async def test_a_newer_client_revision_wins_over_a_late_readaptation(
+    trained, registry, lastfm_scenario, monkeypatch
+):
+    scenario = lastfm_scenario
+    settings = Settings(registry=registry, reload_poll_s=0.1, adapt_workers=2)
+    async with running(settings) as (app, client):
+        service = app.state.service
+        url = f"/scenarios/{scenario.scenario_id}/adapt"
+        await client.post(url, json=scenario.body())
+        release = held_first_call(monkeypatch)
+        publish(trained[0], registry)
+
+        async def readapting() -> bool:
+            return service._in_flight == 1
+
+        await wait_for(readapting, what="the re-adaptation to start")
+        reposted = await client.post(url, json=scenario.body(variant="mapping"))
+        assert reposted.json()["revision"] == 2 and reposted.json()["meta_learner"] == "v0002"
+        release.set()
+
+        async def idle() -> bool:
+            return service._in_flight == 0
+
+        await wait_for(idle, what="the re-adaptation to finish")
+        await asyncio.sleep(0.3)
+        detail = (await client.get(f"/scenarios/{scenario.scenario_id}")).json()
+        assert (detail["revision"], detail["variant"]) == (2, "mapping")  # not overwritten
+
+
+async def test_redis_notification_reloads_every_replica_and_readapts_once(
+    trained, registry, lastfm_scenario, namespace
+):
+    scenario = lastfm_scenario
+    # Polling effectively off: only the published notification can trigger the reload.
+    settings = Settings(
+        registry=registry, redis_url=REDIS_URL, namespace=namespace, reload_poll_s=3600
+    )
+    client_redis = redis.Redis.from_url(REDIS_URL)
+    async with running(settings) as (first_app, first), running(settings) as (second_app, second):
+        for name in ("s1", "s2", "s3"):
+            await first.post(f"/scenarios/{name}/adapt", json=scenario.body())
+
+        async def subscribed() -> bool:
+            counts = dict(client_redis.pubsub_numsub(events_channel(namespace)))
+            return counts.get(events_channel(namespace).encode(), 0) >= 2
+
+        await wait_for(subscribed, what="both replicas subscribed")
+        code = offline_main(
+            [
+                "publish",
+                str(trained[0]),
+                "--registry",
+                str(registry),
+                "--notify",
+                REDIS_URL,
+                "--namespace",
+                namespace,
+            ]
+        )
+        assert code == 0
+
+        async def all_readapted() -> bool:
+            versions = [
+                app.state.service.learners.current.version for app in (first_app, second_app)
+            ]
+            page = (await second.get("/scenarios")).json()["scenarios"]
+            return versions == ["v0002", "v0002"] and all(
+                s["meta_learner"] == "v0002" for s in page
+            )
+
+        await wait_for(all_readapted, what="both replicas on v0002, every scenario re-adapted")
+        page = (await first.get("/scenarios")).json()["scenarios"]
+        assert [s["revision"] for s in page] == [2, 2, 2]  # each re-adapted exactly once
+        reloads = [
+            app.state.metrics.registry.get_sample_value(
+                "s2meta_adaptation_seconds_count", {"trigger": "reload"}
+            )
+            or 0.0
+            for app in (first_app, second_app)
+        ]
+        assert sum(reloads) == 3  # across both replicas, once per scenario
+    client_redis.close()
+
+
+async def test_a_corrupt_version_is_refused_and_the_service_stays(
+    trained, registry, lastfm_scenario, caplog
+):
+    settings = Settings(registry=registry, reload_poll_s=3600)
+    async with running(settings) as (app, client):
+        service = app.state.service
+        publish(trained[0], registry)
+        blob = registry / "versions" / "v0002" / "embeddings.safetensors"
+        blob.write_bytes(blob.read_bytes()[:-4] + b"\0\0\0\0")
+        with caplog.at_level(logging.ERROR, logger="service.learners"):
+            assert await service.refresh() is None
+        assert "refusing meta learner v0002" in caplog.text and "sha256" in caplog.text
+        assert service.learners.current.version == "v0001"
+        assert (await client.get("/readyz")).json()["meta_learner"] == "v0001"
+        response = await client.post("/scenarios/x/adapt", json=lastfm_scenario.body())
+        assert response.json()["meta_learner"] == "v0001"
+        publish(trained[0], registry)
+        assert await service.refresh() == "v0003"

@@ -1,0 +1,325 @@
+"""The service over HTTP (httpx, lifespan run): adapt and recommend agree with the model
+code, the scenario routes, and every error the API promises; against the in-process store
+and a real Redis."""
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import REDIS_URL, running
+
+from model.artifact import load_artifact
+from model.scenario import ScenarioInput, adapt_scenarios, score_scenario
+from service import scenarios as scenarios_module
+from service.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+
+def settings_for(registry, backend: str, namespace: str, **overrides: object) -> Settings:
+    redis_url = REDIS_URL if backend == "redis" else None
+    return Settings(registry=registry, redis_url=redis_url, namespace=namespace, **overrides)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request) -> str:
+    return request.param
+
+
+def expected_ranking(registry, scenario, variant: str, user: str, seed: int = 0):
+    """The same adaptation and scores computed directly with the model package."""
+    artifact = load_artifact(registry / "versions" / "v0001")
+    learner = artifact.learners[variant]
+    rows = {u: k for k, u in enumerate(artifact.user_ids)}
+    item_rows = {i: k for k, i in enumerate(artifact.item_ids)}
+    scenario_input = ScenarioInput(
+        scenario.scenario_id,
+        np.array([rows[i["user"]] for i in scenario.interactions]),
+        np.array([item_rows[i["item"]] for i in scenario.interactions]),
+        np.array(sorted(item_rows[c] for c in scenario.candidates)),
+    )
+    result = adapt_scenarios(learner.meta, learner.config, artifact.tables, [scenario_input], seed)
+    scores = score_scenario(
+        learner.config, result.theta[0], artifact.tables, scenario_input, np.array([rows[user]])
+    )[0]
+    order = torch.argsort(scores, descending=True, stable=True)
+    pool_ids = [artifact.item_ids[k] for k in scenario_input.pool]
+    return result, [(pool_ids[k], float(scores[k])) for k in order]
+
+
+@pytest.mark.parametrize("variant", ["hybrid", "mapping", "interaction"])
+async def test_adapt_then_recommend_equals_the_model_code(
+    registry, lastfm_scenario, namespace, backend, variant
+):
+    scenario = lastfm_scenario
+    result, ranking = expected_ranking(registry, scenario, variant, scenario.eval_user)
+    async with running(settings_for(registry, backend, namespace)) as (_, client):
+        response = await client.post(
+            f"/scenarios/{scenario.scenario_id}/adapt", json=scenario.body(variant=variant)
+        )
+        assert response.status_code == 200, response.text
+        adapted = response.json()
+        assert adapted["scenario"] == scenario.scenario_id and adapted["revision"] == 1
+        assert adapted["meta_learner"] == "v0001" and adapted["variant"] == variant
+        assert adapted["steps"] == int(result.steps[0])
+        expected_stop = "stop_controller" if bool(result.stopped_by_controller[0]) else "max_steps"
+        assert adapted["stopped_by"] == expected_stop
+        np.testing.assert_allclose(adapted["train_loss"], result.train_loss[0].numpy(), rtol=1e-5)
+        assert len(adapted["stop_probability"]) == len(adapted["train_loss"])
+        assert adapted["used_interactions"] == len(scenario.interactions)
+        assert adapted["num_candidates"] == len(scenario.candidates)
+        assert adapted["ignored"] == {"unknown_users": [], "unknown_items": []}
+
+        response = await client.get(
+            "/recommend", params={"user": scenario.eval_user, "scenario": scenario.scenario_id}
+        )
+        assert response.status_code == 200, response.text
+        served = response.json()
+        assert served["source"] == "adapted" and served["revision"] == 1
+        assert served["meta_learner"] == "v0001" and served["user"] == scenario.eval_user
+        assert [i["item"] for i in served["items"]] == [item for item, _ in ranking[:10]]
+        np.testing.assert_allclose(
+            [i["score"] for i in served["items"]],
+            [s for _, s in ranking[:10]],
+            rtol=1e-4,
+            atol=1e-5,
+        )
+
+
+async def test_same_seed_same_adaptation_and_another_seed_differs(registry, lastfm_scenario):
+    scenario = lastfm_scenario
+    async with running(settings_for(registry, "memory", "s")) as (_, client):
+        url = f"/scenarios/{scenario.scenario_id}/adapt"
+        first = (await client.post(url, json=scenario.body(seed=7))).json()
+        again = (await client.post(url, json=scenario.body(seed=7))).json()
+        other = (await client.post(url, json=scenario.body(seed=8))).json()
+    assert again["revision"] == first["revision"] + 1
+    assert again["train_loss"] == first["train_loss"]
+    assert other["train_loss"] != first["train_loss"]
+
+
+async def test_unknown_ids_are_reported_and_ignored(registry, lastfm_scenario):
+    scenario = lastfm_scenario
+    body = scenario.body()
+    body["interactions"] = [
+        *body["interactions"],
+        {"user": "ghost-user", "item": body["candidates"][0]},
+    ]
+    body["candidates"] = [*body["candidates"], "ghost-item", body["candidates"][0]]
+    async with running(settings_for(registry, "memory", "s")) as (_, client):
+        response = await client.post(f"/scenarios/{scenario.scenario_id}/adapt", json=body)
+        assert response.status_code == 200, response.text
+        adapted = response.json()
+        assert adapted["ignored"] == {
+            "unknown_users": ["ghost-user"],
+            "unknown_items": ["ghost-item"],
+        }
+        assert adapted["used_interactions"] == len(scenario.interactions)
+        assert adapted["num_candidates"] == len(scenario.candidates)  # duplicate counted once
+        detail = (await client.get(f"/scenarios/{scenario.scenario_id}")).json()
+        assert detail["counts"]["registered_interactions"] == len(scenario.interactions) + 1
+
+
+async def test_popular_fallback_and_exclude_seen(registry, lastfm_scenario, namespace, backend):
+    scenario = lastfm_scenario
+    pool = len(scenario.candidates)
+    support_user = scenario.interactions[0]["user"]
+    seen = {i["item"] for i in scenario.interactions if i["user"] == support_user}
+    counts: dict[str, int] = {}
+    for interaction in scenario.interactions:
+        counts[interaction["item"]] = counts.get(interaction["item"], 0) + 1
+    async with running(settings_for(registry, backend, namespace)) as (_, client):
+        await client.post(f"/scenarios/{scenario.scenario_id}/adapt", json=scenario.body())
+        params = {"scenario": scenario.scenario_id, "n": 1000}
+        everything = await client.get("/recommend", params={**params, "user": support_user})
+        excluded = [i["item"] for i in everything.json()["items"]]
+        assert len(excluded) == pool - len(seen) and not seen & set(excluded)
+        kept = await client.get(
+            "/recommend", params={**params, "user": support_user, "exclude_seen": "false"}
+        )
+        assert len(kept.json()["items"]) == pool and seen <= {
+            i["item"] for i in kept.json()["items"]
+        }
+
+        popular = await client.get("/recommend", params={**params, "n": 5, "user": "newcomer"})
+        served = popular.json()
+        assert served["source"] == "popular"
+        top = sorted(counts.values(), reverse=True)[:5]
+        assert [i["score"] for i in served["items"]] == top
+        assert all(counts[i["item"]] == i["score"] for i in served["items"])
+        metrics = (await client.get("/metrics")).text
+        assert "s2meta_popular_fallbacks_total 1.0" in metrics
+
+
+async def test_scenario_routes_list_describe_delete(registry, lastfm_scenario, namespace, backend):
+    scenario = lastfm_scenario
+    token = "s3cret"
+    settings = settings_for(registry, backend, namespace, admin_token=token)
+    auth = {"Authorization": f"Bearer {token}"}
+    async with running(settings) as (_, client):
+        for name in ("a.1", "b:2", "c-3"):
+            response = await client.post(
+                f"/scenarios/{name}/adapt", json=scenario.body(), headers=auth
+            )
+            assert response.status_code == 200, response.text
+        page = (await client.get("/scenarios", params={"limit": 2})).json()
+        assert [s["scenario"] for s in page["scenarios"]] == ["a.1", "b:2"] and page[
+            "next"
+        ] == "b:2"
+        rest = (await client.get("/scenarios", params={"after": "b:2", "limit": 2})).json()
+        assert [s["scenario"] for s in rest["scenarios"]] == ["c-3"] and rest["next"] is None
+        detail = (await client.get("/scenarios/b:2")).json()
+        assert detail["status"] == "ready" and detail["meta_learner"] == "v0001"
+        assert detail["steps"] == len(detail["train_loss"]) - (
+            detail["stopped_by"] == "stop_controller"
+        )
+        assert detail["counts"]["users"] > 1
+
+        assert (await client.delete("/scenarios/b:2")).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert (await client.delete("/scenarios/b:2", headers=wrong)).status_code == 403
+        assert (await client.delete("/scenarios/b:2", headers=auth)).status_code == 204
+        assert (await client.delete("/scenarios/b:2", headers=auth)).status_code == 404
+        assert (await client.get("/scenarios/b:2")).status_code == 404
+        gone = await client.get("/recommend", params={"user": "x", "scenario": "b:2"})
+        assert gone.status_code == 404 and "b:2" in gone.json()["detail"]
+        assert (
+            await client.get("/recommend", params={"user": "x", "scenario": "a.1"})
+        ).status_code == 200
+
+
+async def test_bad_input_is_a_clear_4xx_and_stores_nothing(registry, lastfm_scenario):
+    scenario = lastfm_scenario
+    settings = settings_for(
+        registry, "memory", "s", max_interactions=100, max_candidates=len(scenario.candidates)
+    )
+    url = f"/scenarios/{scenario.scenario_id}/adapt"
+    async with running(settings) as (_, client):
+        cases = {
+            "empty body": {},
+            "no interactions": scenario.body(interactions=[]),
+            "too many interactions": scenario.body(interactions=scenario.interactions * 2),
+            "too many candidates": scenario.body(candidates=[*scenario.candidates, "x"]),
+            "bad user id": scenario.body(interactions=[{"user": "a\x01", "item": "b"}]),
+            "too long id": scenario.body(candidates=["x" * 300]),
+            "unknown field": scenario.body(extra=1),
+            "bad variant": scenario.body(variant="deep"),
+            "negative seed": scenario.body(seed=-1),
+            "tiny pool": {
+                "interactions": [scenario.interactions[0]],
+                "candidates": [scenario.interactions[0]["item"], "ghost"],
+            },
+            "too few usable": scenario.body(interactions=scenario.interactions[:5]),
+            "item outside the pool": scenario.body(
+                candidates=[c for c in scenario.candidates if c != scenario.interactions[0]["item"]]
+            ),
+        }
+        reasons = {}
+        for name, body in cases.items():
+            response = await client.post(url, json=body)
+            assert response.status_code == 422, (name, response.text)
+            reasons[name] = str(response.json()["detail"])
+        assert "at most 100" in reasons["too many interactions"]
+        assert f"at most {len(scenario.candidates)}" in reasons["too many candidates"]
+        assert "at least 2" in reasons["tiny pool"]
+        assert "at least 8" in reasons["too few usable"]
+        assert "not among the candidates" in reasons["item outside the pool"]
+        assert (
+            await client.post("/scenarios/bad id!/adapt", json=scenario.body())
+        ).status_code == 422
+        assert (await client.post(url, content=b"not json")).status_code == 422
+        for params in ({"n": 0}, {"n": 1001}, {"user": ""}, {"scenario": "a/b"}):
+            query = {"user": "u", "scenario": scenario.scenario_id, **params}
+            assert (await client.get("/recommend", params=query)).status_code == 422, params
+        assert (await client.get("/scenarios")).json()["scenarios"] == []  # nothing stored
+        assert (
+            await client.get("/recommend", params={"user": "u", "scenario": "nope"})
+        ).status_code == 404
+
+
+async def test_queue_full_is_429_and_recommend_is_not_blocked(
+    registry, lastfm_scenario, monkeypatch
+):
+    scenario = lastfm_scenario
+    settings = settings_for(registry, "memory", "s", adapt_workers=1, adapt_queue=0)
+    release = threading.Event()
+    real = scenarios_module.adapt_registration
+
+    def held_adaptation(*args, **kwargs):
+        release.wait(timeout=60)
+        return real(*args, **kwargs)
+
+    async with running(settings) as (app, client):
+        await client.post("/scenarios/ready/adapt", json=scenario.body())
+        monkeypatch.setattr(scenarios_module, "adapt_registration", held_adaptation)
+        pending = asyncio.create_task(client.post("/scenarios/next/adapt", json=scenario.body()))
+        while app.state.service._in_flight == 0:
+            await asyncio.sleep(0.01)
+        refused = await client.post("/scenarios/other/adapt", json=scenario.body())
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "5"
+        served = await asyncio.wait_for(
+            client.get("/recommend", params={"user": scenario.eval_user, "scenario": "ready"}), 10
+        )
+        assert served.status_code == 200 and not pending.done()
+        release.set()
+        assert (await pending).status_code == 200
+        assert "s2meta_adaptations_rejected_total 1.0" in (await client.get("/metrics")).text
+
+
+async def test_unreachable_store_is_503_and_not_ready(registry, lastfm_scenario):
+    scenario = lastfm_scenario
+    settings = Settings(registry=registry, redis_url="redis://127.0.0.1:1/0", reload_poll_s=60)
+    async with running(settings) as (_, client):
+        assert (await client.get("/healthz")).status_code == 200
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and "store" in ready.json()["detail"]
+        response = await client.post(
+            f"/scenarios/{scenario.scenario_id}/adapt", json=scenario.body()
+        )
+        assert response.status_code == 503 and "store unavailable" in response.json()["detail"]
+        response = await client.get("/recommend", params={"user": "u", "scenario": "s"})
+        assert response.status_code == 503
+
+
+async def test_without_a_published_meta_learner_not_ready_and_adapt_is_503(
+    tmp_path, lastfm_scenario
+):
+    async with running(Settings(registry=tmp_path, reload_poll_s=60)) as (_, client):
+        assert (await client.get("/readyz")).status_code == 503
+        response = await client.post("/scenarios/x/adapt", json=lastfm_scenario.body())
+        assert response.status_code == 503 and "meta learner" in response.json()["detail"]
+
+
+async def test_two_replicas_share_scenarios_through_redis(registry, lastfm_scenario, namespace):
+    scenario = lastfm_scenario
+    settings = settings_for(registry, "redis", namespace, reload_poll_s=60)
+    params = {"user": scenario.eval_user, "scenario": scenario.scenario_id}
+    async with running(settings) as (_, first), running(settings) as (_, second):
+        await first.post(f"/scenarios/{scenario.scenario_id}/adapt", json=scenario.body())
+        served = (await second.get("/recommend", params=params)).json()
+        assert served["revision"] == 1 and served["source"] == "adapted"
+        again = await first.post(
+            f"/scenarios/{scenario.scenario_id}/adapt", json=scenario.body(variant="mapping")
+        )
+        assert again.json()["revision"] == 2
+        served = (await second.get("/recommend", params=params)).json()
+        assert served["revision"] == 2  # picked up without a restart
+        metrics = (await second.get("/metrics")).text
+        assert "s2meta_recommender_cache_misses_total 2.0" in metrics
+
+
+async def test_openapi_documents_every_route(registry):
+    async with running(settings_for(registry, "memory", "s")) as (_, client):
+        paths = (await client.get("/openapi.json")).json()["paths"]
+    assert {
+        "/scenarios/{scenario_id}/adapt",
+        "/recommend",
+        "/scenarios",
+        "/scenarios/{scenario_id}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    } <= set(paths)
+    assert "429" in paths["/scenarios/{scenario_id}/adapt"]["post"]["responses"]
