@@ -118,7 +118,6 @@ def adapt_registration(
     steps = int(result.steps[0])
     popularity = Counter(item for _, item in resolved.used)
     meta: dict[str, object] = {
-        "status": "ready",
         "meta_learner": loaded.version,
         "variant": variant,
         "seed": registration.seed,

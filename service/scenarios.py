@@ -84,7 +84,8 @@ class ScenarioService:
 
         state = await self._run_adaptation(run, trigger="request")
         revision = await self.store.put(scenario_id, state)
-        assert revision is not None  # unconditional writes always take a revision
+        if revision is None:  # an unconditional write always takes a revision
+            raise StoreError(f"scenario {scenario_id!r}: the store took no revision")
         return {"scenario": scenario_id, "revision": revision, **state.meta}
 
     def _check_limits(self, interactions: list[tuple[str, str]], candidates: list[str]) -> None:
