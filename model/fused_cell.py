@@ -4,20 +4,29 @@ machine's C++ compiler through torch's extension loader, and cached by torch
 rounding, several times faster on the CPU, and its backward gives the controller weights'
 gradients, so evaluation, serving and meta-training all run it. Where it cannot be built (no
 compiler), adaptation logs why once and uses the reference.
+
+Images carry no compiler: they build the cell at image build time for each CPU capability
+(`python -m model.fused_cell DIR`, into site-packages), and `load` imports such a prebuilt
+module before it tries to build one.
 """
 
+import argparse
 import functools
+import importlib
 import itertools
 import logging
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import ninja
 import torch
+from setuptools import Distribution
 from torch import Tensor
 from torch.utils import cpp_extension
 
@@ -35,27 +44,85 @@ GatesFn = Callable[
 ]
 
 
+ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mfma"]}
+
+
+def extension_name(capability: str) -> str:
+    return f"s2meta_update_cell_{capability.lower()}"
+
+
 @functools.cache
 def load() -> ModuleType | None:
-    """The built extension, or None (logged) where it cannot be built."""
+    """The extension for this machine's CPU capability: prebuilt, else built now (cached by
+    torch), else None (logged) where it cannot be built."""
     # The instruction set is chosen from what this machine runs torch with, not -march=native,
-    # so a build cached on one machine stays valid on another of the same capability.
+    # so a build made on one machine stays valid on another of the same capability.
     capability = torch.backends.cpu.get_cpu_capability()
-    isa_flags = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mfma"]}.get(capability, [])
+    try:
+        return importlib.import_module(extension_name(capability))
+    except ImportError:
+        pass  # not prebuilt into this environment: build it below
+    try:
+        return build(capability)
+    except (OSError, ImportError, RuntimeError, subprocess.CalledProcessError) as error:
+        logger.warning("fused update cell unavailable, using the reference: %s", error)
+        return None
+
+
+def build(capability: str) -> ModuleType:
+    """Compile (or find in torch's cache) and import the cell for this machine."""
+    _ninja_on_path()
+    return cpp_extension.load(
+        name=extension_name(capability),
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", "-ffast-math", *ISA_FLAGS.get(capability, [])],
+        verbose=False,
+    )
+
+
+def _ninja_on_path() -> None:
     if shutil.which("ninja") is None:
         # The ninja wheel (a dependency) sits in the environment's bin, which is not on PATH
         # when the environment's python runs without activation.
         os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
-    try:
-        return cpp_extension.load(
-            name=f"s2meta_update_cell_{capability.lower()}",
+
+
+def prebuild(target: Path, capabilities: tuple[str, ...] = ("DEFAULT", "AVX2", "AVX512")) -> None:
+    """Compile the cell for each CPU capability (torch's names) into importable modules in
+    `target` (a directory on sys.path, e.g. site-packages), without importing them (the
+    building machine need not run every instruction set), for environments without a
+    compiler."""
+    _ninja_on_path()
+    for capability in capabilities:
+        extension = cpp_extension.CppExtension(
+            name=extension_name(capability),
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-ffast-math", *isa_flags],
-            verbose=False,
+            # -g0: no debug info (the interpreter's flags ask for it; it nearly doubles the
+            # build time).
+            extra_compile_args=["-O3", "-g0", "-ffast-math", *ISA_FLAGS.get(capability, [])],
         )
-    except (OSError, ImportError, RuntimeError, subprocess.CalledProcessError) as error:
-        logger.warning("fused update cell unavailable, using the reference: %s", error)
-        return None
+        distribution = Distribution(
+            {
+                "name": "s2meta-update-cell",
+                "ext_modules": [extension],
+                "cmdclass": {"build_ext": cpp_extension.BuildExtension},
+            }
+        )
+        command = distribution.get_command_obj("build_ext")
+        # Each capability its own scratch directory: the object files share a name.
+        with tempfile.TemporaryDirectory() as scratch:
+            command.build_lib = str(target)
+            command.build_temp = scratch
+            distribution.run_command("build_ext")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=prebuild.__doc__)
+    parser.add_argument("target", type=Path, help="a directory on sys.path (site-packages)")
+    args = parser.parse_args(argv)
+    prebuild(args.target)
+    print(f"fused update cell prebuilt into {args.target}", file=sys.stderr)
+    return 0
 
 
 class _FusedStep(torch.autograd.Function):
@@ -127,3 +194,7 @@ def fused_update_gates(meta: Params, sizes: list[int], hidden_size: int) -> Gate
         return _FusedStep.apply(extension, offsets, inputs, *packed)
 
     return gates
+
+
+if __name__ == "__main__":
+    sys.exit(main())

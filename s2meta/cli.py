@@ -3,6 +3,8 @@
 import sys
 from collections.abc import Sequence
 
+EXIT_USAGE = 2
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
@@ -10,6 +12,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from service.cli import main as serve
 
         return serve(args[1:])
-    from meta_training.cli import main as offline
-
+    try:
+        from meta_training.cli import main as offline
+    except ImportError as error:
+        # A serving install (the API image) has no training stack.
+        print(
+            f"s2meta: error: {args[0] if args else 'this command'} needs the training "
+            f"extra (pip install 's2meta[train]'): {error}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     return offline(args)

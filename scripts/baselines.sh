@@ -4,7 +4,7 @@
 # 0..2 on the meta-test scenarios; tables land in results/<dataset>/results.{md,json}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/venv.sh cpu
+source scripts/venv.sh cpu,train
 data_dir=${S2META_DATA_DIR:-../shared/data/amazon-lastfm}
 for stem in Beauty Sports_and_Outdoors LastFM; do
   .venv/bin/s2meta prepare --data "$data_dir/$stem"

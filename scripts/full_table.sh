@@ -7,7 +7,7 @@
 # logs in $log_dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/venv.sh cpu
+source scripts/venv.sh cpu,train
 data_dir=${S2META_DATA_DIR:-../shared/data/amazon-lastfm}
 log_dir=${S2META_LOG_DIR:-${TMPDIR:-/tmp}/s2meta-full-table}
 mkdir -p "$log_dir"

@@ -5,7 +5,7 @@
 # top-n for a user. Everything lands under runs/main/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/venv.sh cpu
+source scripts/venv.sh cpu,train
 data=${S2META_DATA_DIR:-../shared/data/amazon-lastfm}/LastFM
 run=runs/main
 port=${S2META_PORT:-8000}

@@ -4,7 +4,7 @@
 # is scripts/full_table.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/venv.sh cpu
+source scripts/venv.sh cpu,train
 data_dir=${S2META_DATA_DIR:-../shared/data/amazon-lastfm}
 methods=random,itempop,mf_dot,mf_pop_blend,mf_finetune,finetune,general,s2meta
 methods=$methods,s2meta_interaction,s2meta_mapping,s2meta_hybrid,randinit,fixedlr,fixedstep,maml

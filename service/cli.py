@@ -23,8 +23,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "S2META_REGISTRY (registry directory), S2META_REDIS_URL (unset: in-process store), "
         "S2META_ADMIN_TOKEN (unset: admin routes open), and the others in service/settings.py.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--host", help="bind address (default $S2META_HOST, else 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default $S2META_PORT, else 8000)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     args = parser.parse_args(argv)
     try:
@@ -50,5 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        log_level=args.log_level,
+    )
     return 0

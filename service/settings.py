@@ -10,6 +10,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="S2META_", extra="ignore")
 
+    host: str = Field("127.0.0.1", description="bind address of s2meta serve")
+    port: int = Field(8000, ge=1, le=65535, description="port of s2meta serve")
     registry: Path = Field(
         Path("registry"), description="the meta-learner registry directory (s2meta publish)"
     )

