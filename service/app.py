@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from model.errors import ArtifactError
@@ -34,7 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.admin_token is None:
             logger.warning("S2META_ADMIN_TOKEN is unset: the admin routes are open to anyone")
-        store = open_store(settings.redis_url, settings.namespace)
+        store = open_store(settings.redis_url, settings.namespace, settings.redis_timeout_s)
         learners = MetaLearners(settings.registry, resolve_device(settings.device))
         service = ScenarioService(settings, store, learners, metrics)
         app.state.service = service
@@ -57,6 +58,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.include_router(router)
+    if settings.cors_origins:  # off unless configured
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
 
     @app.middleware("http")
     async def observe_latency(

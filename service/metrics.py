@@ -59,6 +59,12 @@ class ServiceMetrics:
             "Recommendations served from scenario popularity (user without an embedding)",
             registry=self.registry,
         )
+        self.auth_failures = Counter(
+            "s2meta_auth_failures",
+            "Requests refused for a missing or wrong token",
+            ["role", "reason"],
+            registry=self.registry,
+        )
         self.readapt_backlog = Gauge(
             "s2meta_readapt_backlog",
             "Scenarios still adapted by an older meta learner than the current one",

@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import SecretStr
 
 from service.scenarios import ScenarioService
 from service.schemas import (
@@ -21,7 +22,11 @@ from service.schemas import (
 )
 
 ScenarioId = Annotated[str, Path(pattern=SCENARIO_ID_PATTERN, description="scenario id")]
-bearer = HTTPBearer(auto_error=False, description="the admin token (S2META_ADMIN_TOKEN)")
+bearer = HTTPBearer(
+    auto_error=False,
+    description="the admin token (S2META_ADMIN_TOKEN), or for the read routes the read token "
+    "(S2META_READ_TOKEN) when one is set",
+)
 
 
 def scenario_service(request: Request) -> ScenarioService:
@@ -31,26 +36,53 @@ def scenario_service(request: Request) -> ScenarioService:
 Service = Annotated[ScenarioService, Depends(scenario_service)]
 
 
+def _authorise(
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None,
+    accepted: list[SecretStr],
+    role: str,
+) -> None:
+    """Let the request through if it carries one of the accepted bearer tokens (compared in
+    constant time); count and refuse it otherwise. Tokens are never logged."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        request.app.state.metrics.auth_failures.labels(role=role, reason="missing").inc()
+        raise HTTPException(
+            401,
+            f"{role} token required (Authorization: Bearer <token>)",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    given = credentials.credentials.encode()
+    # Every token is compared (no early exit), so timing says nothing about which matched.
+    matches = [
+        secrets.compare_digest(given, token.get_secret_value().encode()) for token in accepted
+    ]
+    if not any(matches):
+        request.app.state.metrics.auth_failures.labels(role=role, reason="wrong").inc()
+        raise HTTPException(403, f"{role} token not accepted")
+
+
 def require_admin(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> None:
     token = request.app.state.settings.admin_token
-    if token is None:
-        return
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise HTTPException(
-            401,
-            "admin token required (Authorization: Bearer <token>)",
-            {"WWW-Authenticate": "Bearer"},
-        )
-    if not secrets.compare_digest(
-        credentials.credentials.encode(), token.get_secret_value().encode()
-    ):
-        raise HTTPException(403, "admin token not accepted")
+    if token is not None:
+        _authorise(request, credentials, [token], "admin")
+
+
+def require_reader(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    """The read routes are open unless a read token is set; the admin token reads too."""
+    settings = request.app.state.settings
+    if settings.read_token is not None:
+        accepted = [settings.read_token, *([settings.admin_token] if settings.admin_token else [])]
+        _authorise(request, credentials, accepted, "read")
 
 
 admin = [Depends(require_admin)]
+reader = [Depends(require_reader)]
 errors = {
     404: {"model": Problem, "description": "unknown scenario"},
     503: {"model": Problem, "description": "store unreachable or no meta learner loaded"},
@@ -83,7 +115,8 @@ async def adapt(scenario_id: ScenarioId, body: AdaptRequest, service: Service) -
 @router.get(
     "/recommend",
     response_model=RecommendResponse,
-    responses=errors,
+    dependencies=reader,
+    responses={**errors, 401: {"model": Problem}, 403: {"model": Problem}},
     summary="Top-n of a scenario's pool for a user",
 )
 async def recommend(
@@ -96,7 +129,12 @@ async def recommend(
     return await service.recommend(scenario, user, n, exclude_seen)
 
 
-@router.get("/scenarios", response_model=ScenarioPage, responses={503: errors[503]})
+@router.get(
+    "/scenarios",
+    response_model=ScenarioPage,
+    dependencies=reader,
+    responses={503: errors[503], 401: {"model": Problem}, 403: {"model": Problem}},
+)
 async def list_scenarios(
     service: Service,
     after: Annotated[str | None, Query(pattern=SCENARIO_ID_PATTERN)] = None,
@@ -109,7 +147,12 @@ async def list_scenarios(
     )
 
 
-@router.get("/scenarios/{scenario_id}", response_model=ScenarioDetail, responses=errors)
+@router.get(
+    "/scenarios/{scenario_id}",
+    response_model=ScenarioDetail,
+    dependencies=reader,
+    responses={**errors, 401: {"model": Problem}, 403: {"model": Problem}},
+)
 async def describe(scenario_id: ScenarioId, service: Service) -> dict:
     return await service.describe(scenario_id)
 

@@ -21,6 +21,18 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="bearer token for the admin routes; unset: open (warned at start)"
     )
+    read_token: SecretStr | None = Field(
+        None, description="bearer token for the read routes (recommend, scenarios); unset: open"
+    )
+    redis_timeout_s: float = Field(
+        2.0, gt=0, description="Redis connect and read timeout: a down store answers 503 by then"
+    )
+    max_body_bytes: int = Field(
+        64 * 2**20, ge=1024, description="request bodies larger than this get 413 unread"
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed by CORS; empty: CORS off"
+    )
     namespace: str = Field("s2meta", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="key prefix")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -42,7 +54,7 @@ class Settings(BaseSettings):
     reload_poll_s: float = Field(5.0, gt=0, description="registry polling interval")
     readapt_lock_s: int = Field(600, ge=1, description="how long a re-adaptation lock lives")
 
-    @field_validator("redis_url", "admin_token", mode="before")
+    @field_validator("redis_url", "admin_token", "read_token", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

@@ -353,5 +353,5 @@ def _check_schema(scenario_id: str, schema: bytes | None) -> None:
         )
 
 
-def open_store(redis_url: str | None, namespace: str) -> ScenarioStore:
-    return RedisStore(redis_url, namespace) if redis_url else MemoryStore()
+def open_store(redis_url: str | None, namespace: str, timeout_s: float = 5.0) -> ScenarioStore:
+    return RedisStore(redis_url, namespace, timeout_s) if redis_url else MemoryStore()
