@@ -11,7 +11,8 @@ learner is scored on the meta-valid scenarios (Recall@20) and the best is kept: 
 selection never sees a meta-test scenario.
 """
 
-import copy
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.func import vmap
 
@@ -38,7 +40,9 @@ from model.params import Params
 from model.recommender import RecommenderSpec
 from model.scenario import adapt_scenarios, score_scenario
 
-CHECKPOINT = "checkpoint.pt"
+# A checkpoint is tensors in safetensors and the rest in JSON (no pickle): CHECKPOINT.json
+# names the sha256 of CHECKPOINT.safetensors and is written last.
+CHECKPOINT = "checkpoint"
 
 
 @dataclass
@@ -190,14 +194,17 @@ def meta_train(
     state = {"step": 0, "baseline": 0.0, "best_score": -1.0, "best_step": 0, "history": []}
     best = {name: value.detach().clone() for name, value in objective.meta().items()}
     checkpoint = checkpoint_dir / CHECKPOINT if checkpoint_dir is not None else None
-    if checkpoint is not None and checkpoint.is_file():
-        saved = torch.load(checkpoint, weights_only=False, map_location=device)
-        if saved["config"] == config.model_dump() and saved["seed"] == seed:
-            with torch.no_grad():
-                for name, value in objective.meta().items():
-                    value.copy_(saved["meta"][name])
-            optimizer.load_state_dict(saved["optimizer"])
-            best, state = saved["best"], saved["state"]
+    saved = _load_checkpoint(checkpoint, device) if checkpoint is not None else None
+    if (
+        saved is not None
+        and saved["config"] == config.model_dump(mode="json")
+        and saved["seed"] == seed
+    ):
+        with torch.no_grad():
+            for name, value in objective.meta().items():
+                value.copy_(saved["meta"][name])
+        optimizer.load_state_dict(saved["optimizer"])
+        best, state = saved["best"], saved["state"]
 
     share = range(rank * config.meta_batch // world, (rank + 1) * config.meta_batch // world)
     while state["step"] < config.iterations:
@@ -289,16 +296,48 @@ def _save_checkpoint(
     state: dict[str, object],
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "config": config.model_dump(),
-            "seed": seed,
-            "meta": {name: value.detach() for name, value in meta.items()},
-            "optimizer": optimizer.state_dict(),
-            "best": best,
-            "state": copy.deepcopy(state),
-        },
-        staging,
-    )
-    staging.replace(path)
+    optimizer_state = optimizer.state_dict()
+    tensors = {f"meta.{k}": v.detach().cpu().contiguous() for k, v in meta.items()}
+    tensors |= {f"best.{k}": v.detach().cpu().contiguous() for k, v in best.items()}
+    for index, values in optimizer_state["state"].items():
+        for name, value in values.items():
+            tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).cpu().contiguous()
+    blob = path.with_suffix(".safetensors")
+    staging = path.with_suffix(".safetensors.tmp")
+    save_file(tensors, str(staging))
+    staging.replace(blob)
+    record = {
+        "config": config.model_dump(mode="json"),
+        "seed": seed,
+        "state": state,
+        "param_groups": optimizer_state["param_groups"],
+        "tensors_sha256": hashlib.sha256(blob.read_bytes()).hexdigest(),
+    }
+    staging = path.with_suffix(".json.tmp")
+    staging.write_text(json.dumps(record))
+    staging.replace(path.with_suffix(".json"))
+
+
+def _load_checkpoint(path: Path, device: torch.device) -> dict[str, object] | None:
+    """The checkpoint at `path` if one is there whole (its tensors match the JSON's sha256),
+    else None: a run interrupted while writing one starts from the start."""
+    record_path, blob = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    if not (record_path.is_file() and blob.is_file()):
+        return None
+    record = json.loads(record_path.read_text())
+    if hashlib.sha256(blob.read_bytes()).hexdigest() != record["tensors_sha256"]:
+        return None
+    tensors = load_file(str(blob), device=str(device))
+    optimizer_state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            optimizer_state.setdefault(int(index), {})[name] = value
+    return {
+        "config": record["config"],
+        "seed": record["seed"],
+        "state": record["state"],
+        "meta": {k[5:]: v for k, v in tensors.items() if k.startswith("meta.")},
+        "best": {k[5:]: v.cpu() for k, v in tensors.items() if k.startswith("best.")},
+        "optimizer": {"state": optimizer_state, "param_groups": record["param_groups"]},
+    }

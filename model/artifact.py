@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ COMMON_FILES = ("embeddings.safetensors", "ids.json", "config.json", "metrics.js
 MANIFEST = "manifest.json"
 CURRENT = "current"
 VERSIONS = "versions"
+VERSION_PATTERN = re.compile(r"v[0-9]{4,9}")
 # What a publisher announces on the service's event channel (Redis pub/sub), so replicas load
 # a new version at once instead of at their next registry poll.
 PUBLISHED_EVENT = "meta_learner_published"
@@ -211,7 +213,15 @@ def current_version(registry: Path) -> str:
     pointer = registry / CURRENT
     if not pointer.is_file():
         raise ArtifactError(f"{registry}: no published meta learner ({CURRENT} is missing)")
-    return pointer.read_text().strip()
+    return checked_version(pointer.read_text().strip())
+
+
+def checked_version(version: str) -> str:
+    """A version name as publishing makes them (vNNNN); anything else, such as a path that
+    would lead out of the registry, is an ArtifactError."""
+    if not VERSION_PATTERN.fullmatch(version):
+        raise ArtifactError(f"{version[:80]!r} is not a version name (vNNNN)")
+    return version
 
 
 def load_current(registry: Path) -> tuple[str, Artifact]:

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from model.errors import ArtifactError
 from service.adaptation import AdaptationInputError
 from service.learners import MetaLearners, resolve_device
+from service.limits import BodySizeLimit
 from service.metrics import ServiceMetrics
 from service.routes import router
 from service.scenarios import (
@@ -58,6 +59,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.include_router(router)
+    # Added first, so it runs inside CORS and the latency middleware: 413s get CORS headers
+    # and are counted.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:  # off unless configured
         app.add_middleware(
             CORSMiddleware,

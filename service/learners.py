@@ -10,7 +10,14 @@ import numpy as np
 import torch
 
 from model import fused_cell
-from model.artifact import VERSIONS, Artifact, MetaLearner, current_version, load_artifact
+from model.artifact import (
+    VERSIONS,
+    Artifact,
+    MetaLearner,
+    checked_version,
+    current_version,
+    load_artifact,
+)
 from model.errors import ArtifactError
 from model.learner import Tables
 
@@ -50,7 +57,7 @@ def resolve_device(name: str) -> torch.device:
 def load_version(registry: Path, version: str, device: torch.device) -> LoadedVersion:
     """Load and verify (sha256 of every file) one published version; ArtifactError if it is
     missing, partial or corrupt."""
-    artifact = load_artifact(registry / VERSIONS / version)
+    artifact = load_artifact(registry / VERSIONS / checked_version(version))
     on_device = Artifact(
         learners={
             variant: MetaLearner({k: v.to(device) for k, v in learner.meta.items()}, learner.config)

@@ -54,6 +54,11 @@ class ServiceMetrics:
             "Adapted recommender cache misses (built from the store)",
             registry=self.registry,
         )
+        self.store_fallbacks = Counter(
+            "s2meta_store_fallbacks",
+            "Recommendations served from the in-process cache while the store was unreachable",
+            registry=self.registry,
+        )
         self.popular_fallbacks = Counter(
             "s2meta_popular_fallbacks",
             "Recommendations served from scenario popularity (user without an embedding)",

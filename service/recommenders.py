@@ -198,6 +198,12 @@ class RecommenderCache:
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
 
+    def latest(self, scenario_id: str) -> AdaptedRecommender | None:
+        """The newest revision held for a scenario, if any."""
+        with self._lock:
+            held = [entry for key, entry in self._entries.items() if key[0] == scenario_id]
+        return max(held, key=lambda entry: entry.revision, default=None)
+
     def drop(self, scenario_id: str) -> None:
         with self._lock:
             for key in [k for k in self._entries if k[0] == scenario_id]:

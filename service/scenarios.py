@@ -69,6 +69,8 @@ class ScenarioService:
         if loaded is None:
             raise NoMetaLearnerError("no meta learner is loaded yet")
         self._check_limits(interactions, candidates)
+        # Fail fast when the result could not be stored, before the costly learning.
+        await self.store.ping()
         if self._in_flight >= self.settings.adapt_workers + self.settings.adapt_queue:
             self.metrics.adaptations_rejected.inc()
             raise QueueFullError(f"{self._in_flight} adaptations are running or queued")
@@ -133,7 +135,16 @@ class ScenarioService:
         }
 
     async def _recommender(self, scenario_id: str) -> AdaptedRecommender:
-        revision = await self.store.revision(scenario_id)
+        try:
+            revision = await self.store.revision(scenario_id)
+        except StoreError:
+            # The store is down: a scenario this replica holds keeps being served (the last
+            # revision it read); any other gets the 503.
+            held = self.cache.latest(scenario_id)
+            if held is None:
+                raise
+            self.metrics.store_fallbacks.inc()
+            return held
         if revision is None:
             raise ScenarioNotFoundError(scenario_id)
         cached = self.cache.get(scenario_id, revision)

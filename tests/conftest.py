@@ -5,8 +5,10 @@ their lifespan behind httpx."""
 import contextlib
 import json
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -156,3 +158,65 @@ def compose_config(stack: Path, *profiles: str) -> dict:
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RedisProcess:
+    """A redis-server of a test's own on a free loopback port, persisting to `directory`
+    (append-only file), that the test can stop, kill and start again."""
+
+    def __init__(self, directory: Path, *options: str) -> None:
+        self.directory, self.options = directory, options
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, command: tuple[str, ...] = ("redis-server", "--appendonly", "yes")) -> None:
+        self.process = subprocess.Popen(
+            [
+                *command,
+                *self.options,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--save",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        try:
+            for _ in range(200):
+                with contextlib.suppress(redis.ConnectionError, redis.BusyLoadingError):
+                    if client.ping():
+                        return
+                time.sleep(0.05)
+            raise AssertionError("redis-server did not start")
+        finally:
+            client.close()
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process is not None and self.process.poll() is None:
+            (self.process.kill if kill else self.process.terminate)()
+            self.process.wait(timeout=30)
+        self.process = None
+
+
+@pytest.fixture
+def redis_process(tmp_path) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path / "redis-data")
+    server.start()
+    yield server
+    server.stop()

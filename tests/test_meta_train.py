@@ -114,9 +114,10 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(prepared, tmp_path)
     half = SMALL.model_copy(update={"iterations": 2})
     meta_train(prepared.benchmark, prepared.embeddings, half, seed=1, checkpoint_dir=tmp_path)
     # A checkpoint of another configuration is ignored, not mixed in.
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    checkpoint["config"] = SMALL.model_dump()
-    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    record = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert record["config"]["iterations"] == 2
+    record["config"] = SMALL.model_dump(mode="json")
+    (tmp_path / "checkpoint.json").write_text(json.dumps(record))
     resumed = meta_train(
         prepared.benchmark, prepared.embeddings, SMALL, seed=1, checkpoint_dir=tmp_path
     )

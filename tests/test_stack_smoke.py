@@ -5,7 +5,6 @@ Train -> publish -> the API loads it -> adapt -> recommend -> train again -> hot
 the scenario re-adapted with the new meta learner."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,20 +12,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
-from conftest import DATA, ROOT, compose_config
+from conftest import DATA, ROOT, RedisProcess, compose_config, free_port
 
 # Faster than the stack's defaults; everything else is the compose file's own.
 SMOKE_TRAINING = {
     "S2META_TRAIN_STEPS": "2",
     "S2META_TRAIN_ARGS": "--embedding-dim 16 --meta-batch 2 --valid-every 1",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def localised(environment: dict[str, str], paths: dict[str, Path], redis_port: int) -> dict:
@@ -45,24 +37,11 @@ def localised(environment: dict[str, str], paths: dict[str, Path], redis_port: i
 
 @pytest.fixture
 def redis_server(stack, tmp_path):
-    command = compose_config(stack)["services"]["redis"]["command"]
-    port = free_port()
-    (tmp_path / "redis").mkdir()
-    server = subprocess.Popen(
-        [*command, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path / "redis")],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            if client.ping():
-                break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield port
-    client.close()
-    server.terminate()
-    server.wait(timeout=10)
+    """The compose file's redis command, on a port and directory of this test's own."""
+    server = RedisProcess(tmp_path / "redis")
+    server.start(tuple(compose_config(stack)["services"]["redis"]["command"]))
+    yield server.port
+    server.stop()
 
 
 def test_train_publish_reload_adapt_recommend(stack, redis_server, tmp_path, lastfm_scenario):

@@ -1,0 +1,98 @@
+"""A request-body size limit, enforced before a body is read whole into memory.
+
+FastAPI reads a JSON body whole before validating it, so without a limit one request can make
+the process buffer gigabytes. `BodySizeLimit` is a pure ASGI middleware (no buffering, no
+Starlette request objects) that refuses oversized bodies as early as it can tell:
+
+- a declared Content-Length over the limit is answered 413 before anything is received, and a
+  malformed one 400;
+- a body without a Content-Length (chunked) is counted as it is received, and answered 413 as
+  soon as the count passes the limit: the rest is never pulled. The application is then told
+  the client went away (`http.disconnect`), and whatever it answers to that is dropped.
+
+Refusals are JSON `{"detail": ...}` like the API's other errors, and ask the server to close the
+connection, since the unread rest of the body is still on it.
+"""
+
+import json
+
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+async def refuse(send: Send, status: int, detail: str) -> None:
+    """Answer a JSON problem and have the connection closed after it."""
+    body = json.dumps({"detail": detail}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The request's Content-Length, None if absent; ValueError (the reason) if malformed."""
+    values = {value.strip() for name, value in headers if name.lower() == b"content-length"}
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ValueError("conflicting Content-Length headers")
+    (value,) = values
+    if not value.isdigit():  # ASCII digits only: no sign, no spaces, no lists
+        raise ValueError("malformed Content-Length header")
+    return int(value)
+
+
+class BodySizeLimit:
+    """Refuse request bodies over `max_bytes` with 413, without reading them whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = f"request body larger than {self.max_bytes} bytes"
+        try:
+            length = declared_length(scope["headers"])
+        except ValueError as error:
+            await refuse(send, 400, str(error))
+            return
+        if length is not None and length > self.max_bytes:
+            await refuse(send, 413, too_large)
+            return
+
+        received = 0
+        refused = False
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    refused = True
+                    if not started:  # a response under way cannot be replaced; it is cut
+                        await refuse(send, 413, too_large)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:  # the 413 has gone out; the app's answer to the cut body is dropped
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except ClientDisconnect:
+            if not refused:  # a real disconnect, not the one this middleware made up
+                raise

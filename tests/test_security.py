@@ -1,0 +1,103 @@
+"""Security: tokens guard the routes, are counted when refused and never logged; no pickle
+anywhere; registry paths cannot leave the registry; CORS is off unless configured."""
+
+import ast
+import dataclasses
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import running
+
+from model.artifact import current_version
+from model.errors import ArtifactError
+from service.settings import Settings
+
+pytestmark = pytest.mark.anyio
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN, READ = "admin-SECRET-7f3a9c", "read-SECRET-21be44"
+
+
+async def test_read_token_and_admin_token_guard_their_routes(registry, lastfm_scenario, caplog):
+    settings = Settings(registry=registry, admin_token=ADMIN, read_token=READ)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    read = {"Authorization": f"Bearer {READ}"}
+    wrong = {"Authorization": "Bearer nope"}
+    caplog.set_level(logging.DEBUG)
+    async with running(settings) as (_, client):
+        url = "/scenarios/guarded/adapt"
+        assert (
+            await client.post(url, json=lastfm_scenario.body(), headers=read)
+        ).status_code == 403
+        assert (
+            await client.post(url, json=lastfm_scenario.body(), headers=admin)
+        ).status_code == 200
+        params = {"user": lastfm_scenario.eval_user, "scenario": "guarded"}
+        for route, query in (
+            ("/recommend", params),
+            ("/scenarios/guarded", {}),
+            ("/scenarios", {}),
+        ):
+            assert (await client.get(route, params=query)).status_code == 401
+            assert (await client.get(route, params=query, headers=wrong)).status_code == 403
+            assert (await client.get(route, params=query, headers=read)).status_code == 200
+            assert (await client.get(route, params=query, headers=admin)).status_code == 200
+        assert (await client.get("/healthz")).status_code == 200  # probes stay open
+        assert (await client.get("/metrics")).status_code == 200
+        metrics = (await client.get("/metrics")).text
+    assert 's2meta_auth_failures_total{reason="missing",role="read"} 3.0' in metrics
+    assert 's2meta_auth_failures_total{reason="wrong",role="read"} 3.0' in metrics
+    assert 's2meta_auth_failures_total{reason="wrong",role="admin"} 1.0' in metrics
+    assert ADMIN not in caplog.text and READ not in caplog.text
+    assert ADMIN not in repr(settings) and READ not in str(dataclasses.asdict(_Shown(settings)))
+
+
+@dataclasses.dataclass
+class _Shown:
+    settings: Settings
+
+
+def test_no_pickle_anywhere():
+    """Weights are safetensors, metadata JSON: nothing deserialises pickles."""
+    for package in ("model", "service", "meta_training", "s2meta"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import | ast.ImportFrom):
+                    names = [a.name for a in node.names] + [getattr(node, "module", "") or ""]
+                    assert not any("pickle" in n or n == "dill" for n in names), path
+                if isinstance(node, ast.Call):
+                    called = ast.unparse(node.func)
+                    assert called not in ("torch.load", "pickle.loads", "joblib.load"), path
+                    for keyword in node.keywords:
+                        allows = keyword.arg == "allow_pickle"
+                        assert not (allows and ast.unparse(keyword.value) == "True"), path
+
+
+@pytest.mark.parametrize("pointer", ["../../etc", "v0001/../../x", "/etc/passwd", "latest"])
+def test_registry_pointer_cannot_leave_the_registry(tmp_path, pointer):
+    (tmp_path / "current").write_text(pointer + "\n")
+    with pytest.raises(ArtifactError, match="not a version name"):
+        current_version(tmp_path)
+
+
+async def test_a_tampered_version_in_the_store_cannot_open_other_paths(registry, lastfm_scenario):
+    async with running(Settings(registry=registry)) as (app, client):
+        await client.post("/scenarios/tampered/adapt", json=lastfm_scenario.body())
+        store = app.state.service.store
+        stored = await store.get("tampered")
+        meta = {**stored.state.meta, "meta_learner": "../../outside"}
+        await store.put("tampered", dataclasses.replace(stored.state, meta=meta))
+        params = {"user": lastfm_scenario.eval_user, "scenario": "tampered"}
+        response = await client.get("/recommend", params=params)
+    assert response.status_code == 503 and "not a version name" in response.json()["detail"]
+
+
+async def test_cors_is_off_unless_configured(registry):
+    preflight = {"Origin": "https://shop.example", "Access-Control-Request-Method": "GET"}
+    async with running(Settings(registry=registry)) as (_, client):
+        response = await client.options("/recommend", headers=preflight)
+        assert "access-control-allow-origin" not in response.headers
+    configured = Settings(registry=registry, cors_origins=["https://shop.example"])
+    async with running(configured) as (_, client):
+        response = await client.options("/recommend", headers=preflight)
+        assert response.headers["access-control-allow-origin"] == "https://shop.example"
