@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.routing import Match
 
 from model.errors import ArtifactError
 from service.adaptation import AdaptationInputError
@@ -86,6 +88,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+    @app.exception_handler(405)
+    async def method_not_allowed(request: Request, _: Exception) -> JSONResponse:
+        # Starlette lists only the methods of the first route matching the path; HTTP wants
+        # every method the path supports (GET and DELETE on /scenarios/{id}).
+        methods = {
+            method
+            for route in request.app.router.routes
+            if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE
+            for method in route.methods
+        }
+        return problem(405, "method not allowed", {"Allow": ", ".join(sorted(methods))})
 
     @app.exception_handler(ScenarioNotFoundError)
     async def not_found(_: Request, error: ScenarioNotFoundError) -> JSONResponse:

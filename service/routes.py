@@ -14,6 +14,7 @@ from service.schemas import (
     AdaptRequest,
     AdaptResponse,
     EntityId,
+    InvalidInput,
     Problem,
     RecommendResponse,
     ScenarioDetail,
@@ -83,6 +84,9 @@ def require_reader(
 
 admin = [Depends(require_admin)]
 reader = [Depends(require_reader)]
+# The read routes need a token only when S2META_READ_TOKEN is set: in OpenAPI terms the bearer
+# scheme or nothing (an empty requirement), appended to the one FastAPI derives from `bearer`.
+optional_auth = {"security": [{}]}
 errors = {
     404: {"model": Problem, "description": "unknown scenario"},
     503: {"model": Problem, "description": "store unreachable or no meta learner loaded"},
@@ -95,8 +99,14 @@ router = APIRouter()
     response_model=AdaptResponse,
     dependencies=admin,
     responses={
+        400: {"model": Problem, "description": "body not UTF-8, or a malformed Content-Length"},
         401: {"model": Problem},
         403: {"model": Problem},
+        413: {"model": Problem, "description": "body larger than S2META_MAX_BODY_BYTES"},
+        422: {
+            "model": InvalidInput,
+            "description": "invalid fields (a list), or a scenario that cannot be adapted",
+        },
         429: {"model": Problem, "description": "adaptation queue full; see Retry-After"},
         503: errors[503],
     },
@@ -117,6 +127,7 @@ async def adapt(scenario_id: ScenarioId, body: AdaptRequest, service: Service) -
     response_model=RecommendResponse,
     dependencies=reader,
     responses={**errors, 401: {"model": Problem}, 403: {"model": Problem}},
+    openapi_extra=optional_auth,
     summary="Top-n of a scenario's pool for a user",
 )
 async def recommend(
@@ -134,6 +145,7 @@ async def recommend(
     response_model=ScenarioPage,
     dependencies=reader,
     responses={503: errors[503], 401: {"model": Problem}, 403: {"model": Problem}},
+    openapi_extra=optional_auth,
 )
 async def list_scenarios(
     service: Service,
@@ -152,6 +164,7 @@ async def list_scenarios(
     response_model=ScenarioDetail,
     dependencies=reader,
     responses={**errors, 401: {"model": Problem}, 403: {"model": Problem}},
+    openapi_extra=optional_auth,
 )
 async def describe(scenario_id: ScenarioId, service: Service) -> dict:
     return await service.describe(scenario_id)
@@ -173,7 +186,11 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="A meta learner is loaded and the store answers", responses=errors)
+@router.get(
+    "/readyz",
+    summary="A meta learner is loaded and the store answers",
+    responses={503: errors[503]},
+)
 async def readyz(service: Service) -> dict:
     problem = await service.readiness()
     current = service.learners.current

@@ -29,8 +29,13 @@ class AdaptRequest(BaseModel):
     variant: VariantName | None = Field(
         None, description="recommender variant; null: the meta learner's default"
     )
+    # Strict: JSON `true` or "7" are not seeds (lax mode would take them as 1 and 7).
     seed: int | None = Field(
-        None, ge=0, le=2**32 - 1, description="seed of the learning's draws; null: the default"
+        None,
+        ge=0,
+        le=2**32 - 1,
+        strict=True,
+        description="seed of the learning's draws; null: the default",
     )
 
 
@@ -106,3 +111,17 @@ class ScenarioPage(BaseModel):
 
 class Problem(BaseModel):
     detail: str
+
+
+class FieldError(BaseModel):
+    """One of FastAPI's request-validation errors."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class InvalidInput(BaseModel):
+    """A 422: the request's field errors, or one reason the scenario cannot be adapted."""
+
+    detail: str | list[FieldError]

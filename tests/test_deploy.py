@@ -41,7 +41,8 @@ def test_compose_stack_wiring(stack):
     services = compose_config(stack, "train", "gpu")["services"]
     assert set(services) == {"redis", "api", "api-gpu", "trainer", "trainer-gpu", "prometheus"}
     redis = services["redis"]
-    assert "--appendonly" in redis["command"] and redis["healthcheck"]["test"][-1] == "ping"
+    assert redis["command"][1:] == ["--appendonly", "yes", "--appendfsync", "always"]
+    assert redis["healthcheck"]["test"][-1] == "ping"
     assert any(v["target"] == "/data" and v["type"] == "volume" for v in redis["volumes"])
     for name in ("api", "api-gpu"):
         api = services[name]

@@ -1,0 +1,322 @@
+"""Bad input at the edge: oversized bodies are refused unread (413), malformed Content-Length is
+a 400, odd scenario ids are a 422 or a 404 (never a 5xx) while valid ones with colons and dots
+work, user and item ids are opaque strings, and out-of-range numbers are a 422."""
+
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from conftest import REDIS_URL, running
+
+from service.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+LIMIT = 64 * 1024  # the body limit of these tests' apps: a real scenario's body fits
+
+
+def settings_for(registry, backend: str = "memory", namespace: str = "s") -> Settings:
+    redis_url = REDIS_URL if backend == "redis" else None
+    return Settings(
+        registry=registry,
+        redis_url=redis_url,
+        namespace=namespace,
+        max_body_bytes=LIMIT,
+        reload_poll_s=60,
+    )
+
+
+def big_body(size: int) -> bytes:
+    """Valid JSON of exactly `size` bytes (padded with whitespace): a 422 if it were read."""
+    body = json.dumps({"interactions": [], "candidates": []}).encode()
+    return body + b" " * (size - len(body))
+
+
+class Chunks:
+    """A request body streamed in 1 KiB chunks (so no Content-Length), counting what is pulled."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.pulled = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while self.pulled < self.total:
+            self.pulled += 1024
+            yield b" " * 1024
+
+
+@pytest.fixture
+def adapt_url(lastfm_scenario) -> str:
+    return f"/scenarios/{lastfm_scenario.scenario_id}/adapt"
+
+
+async def nothing_stored(client) -> None:
+    listed = await client.get("/scenarios")
+    assert listed.status_code == 200 and listed.json()["scenarios"] == []
+
+
+# ---- body size --------------------------------------------------------------------------------
+
+
+async def test_oversized_content_length_is_413_and_stores_nothing(registry, adapt_url):
+    async with running(settings_for(registry)) as (_, client):
+        response = await client.post(
+            adapt_url, content=big_body(LIMIT + 1), headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 413, response.text
+        assert response.json() == {"detail": f"request body larger than {LIMIT} bytes"}
+        assert response.headers["connection"] == "close"
+        await nothing_stored(client)
+        # Exactly the limit is read and validated as usual.
+        response = await client.post(adapt_url, content=big_body(LIMIT))
+        assert response.status_code == 422, response.text
+
+
+@pytest.mark.parametrize("declared", [str(LIMIT + 1), str(10**12), "9" * 5000])
+async def test_declared_length_alone_is_refused_before_the_body_is_read(
+    registry, adapt_url, declared
+):
+    body = Chunks(10 * LIMIT)
+    async with running(settings_for(registry)) as (_, client):
+        response = await client.post(adapt_url, content=body, headers={"Content-Length": declared})
+        assert response.status_code == 413 and "larger than" in response.json()["detail"]
+        assert body.pulled == 0
+        # The refusal is counted like any other response.
+        metrics = (await client.get("/metrics")).text
+        assert 'status="413"' in metrics
+        await nothing_stored(client)
+
+
+async def test_oversized_chunked_body_is_413_as_soon_as_it_passes_the_limit(registry, adapt_url):
+    body = Chunks(1000 * LIMIT)  # 4 MB, never pulled whole
+    async with running(settings_for(registry)) as (_, client):
+        response = await client.post(
+            adapt_url, content=body, headers={"Content-Type": "application/json"}
+        )
+        assert "content-length" not in response.request.headers
+        assert response.status_code == 413, response.text
+        assert response.json() == {"detail": f"request body larger than {LIMIT} bytes"}
+        assert LIMIT < body.pulled <= LIMIT + 1024
+        await nothing_stored(client)
+        # A small chunked body is passed through whole.
+        response = await client.post(
+            adapt_url, content=Chunks(2048), headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 422, response.text
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "+5", "1.5", "5, 5", "0x10", ""])
+async def test_malformed_content_length_is_400(registry, adapt_url, value):
+    async with running(settings_for(registry)) as (_, client):
+        response = await client.post(adapt_url, content=b"{}", headers={"Content-Length": value})
+        assert response.status_code == 400, response.text
+        assert "Content-Length" in response.json()["detail"]
+
+
+async def test_conflicting_content_lengths_are_400(registry, adapt_url):
+    async with running(settings_for(registry)) as (_, client):
+        headers = [("Content-Length", "2"), ("Content-Length", "3")]
+        response = await client.post(adapt_url, content=b"{}", headers=headers)
+        assert response.status_code == 400 and "conflicting" in response.json()["detail"]
+
+
+# ---- scenario ids -----------------------------------------------------------------------------
+
+# (raw path segment, expected status of POST /scenarios/{segment}/adapt)
+BAD_PATH_IDS = {
+    "129 chars": ("a" * 129, 422),
+    "10k chars": ("a" * 10_000, 422),
+    "empty": ("", 404),  # /scenarios//adapt matches no route
+    "unicode": ("caf%C3%A9", 422),
+    "emoji": ("%F0%9F%98%80", 422),
+    "slash": ("a/b", 404),
+    "encoded slash": ("a%2Fb", 404),  # decoded before routing: /scenarios/a/b/adapt
+    "double-encoded slash": ("a%252Fb", 422),  # arrives as a%2Fb: '%' is not allowed
+    "space": ("a%20b", 422),
+    "newline": ("a%0Ab", 422),
+    "nul": ("a%00b", 422),
+    "backslash": ("a%5Cb", 422),
+    "question mark": ("a%3Fb", 422),
+    "hash": ("a%23b", 422),
+    "star": ("*", 422),
+    "comma and semicolon": ("a,b;c", 422),
+}
+
+
+@pytest.mark.parametrize("segment,status", BAD_PATH_IDS.values(), ids=BAD_PATH_IDS.keys())
+async def test_bad_scenario_ids_in_the_path(registry, lastfm_scenario, segment, status):
+    async with running(settings_for(registry)) as (_, client):
+        response = await client.post(f"/scenarios/{segment}/adapt", json=lastfm_scenario.body())
+        assert response.status_code == status, response.text
+        for method in ("GET", "DELETE"):
+            other = await client.request(method, f"/scenarios/{segment}")
+            # /scenarios/ redirects to /scenarios (307), /scenarios/a/b is no route (404).
+            expected = {307} if segment == "" else {404} if status == 404 else {422}
+            assert other.status_code in expected, (method, other.text)
+        await nothing_stored(client)
+
+
+BAD_QUERY_IDS = {
+    "129 chars": "a" * 129,
+    "10k chars": "a" * 10_000,
+    "empty": "",
+    "unicode": "caf\u00e9",
+    "emoji": "\U0001f600",
+    "slash": "a/b",
+    "encoded slash": "a%2Fb",
+    "space": "a b",
+    "newline": "a\nb",
+    "nul": "a\x00b",
+    "separators": "a;b,c&d=e",
+    "star": "*",
+}
+
+
+@pytest.mark.parametrize("scenario", BAD_QUERY_IDS.values(), ids=BAD_QUERY_IDS.keys())
+async def test_bad_scenario_ids_in_the_query(registry, scenario):
+    async with running(settings_for(registry)) as (_, client):
+        response = await client.get("/recommend", params={"user": "u", "scenario": scenario})
+        assert response.status_code == 422, response.text
+        response = await client.get("/scenarios", params={"after": scenario})
+        assert response.status_code == 422, response.text
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request) -> str:
+    return request.param
+
+
+async def test_valid_ids_with_colons_and_dots_work(registry, lastfm_scenario, namespace, backend):
+    # Ids that look like the store's own key layout, or are only separators, are just ids.
+    ids = ["tenant:42:lastfm.v2", "scenario:x", "revision:1", ":", "...", "a-b.c:d"]
+    async with running(settings_for(registry, backend, namespace)) as (_, client):
+        for scenario_id in ids:
+            response = await client.post(
+                f"/scenarios/{scenario_id}/adapt", json=lastfm_scenario.body()
+            )
+            assert response.status_code == 200, (scenario_id, response.text)
+            assert response.json()["scenario"] == scenario_id
+        for scenario_id in ids:
+            detail = await client.get(f"/scenarios/{scenario_id}")
+            assert detail.status_code == 200 and detail.json()["scenario"] == scenario_id
+            assert detail.json()["revision"] == 1  # no id overwrote another
+            served = await client.get(
+                "/recommend", params={"user": lastfm_scenario.eval_user, "scenario": scenario_id}
+            )
+            assert served.status_code == 200 and served.json()["scenario"] == scenario_id
+        listed = (await client.get("/scenarios")).json()["scenarios"]
+        assert sorted(s["scenario"] for s in listed) == sorted(ids)
+        assert (await client.delete("/scenarios/scenario:x")).status_code == 204
+        assert (await client.get("/scenarios/scenario:x")).status_code == 404
+        assert (await client.get("/scenarios/revision:1")).status_code == 200
+        unknown = await client.get("/recommend", params={"user": "u", "scenario": "no:such.id"})
+        assert unknown.status_code == 404 and "no:such.id" in unknown.json()["detail"]
+
+
+# ---- user and item ids ------------------------------------------------------------------------
+
+ODD_IDS = [
+    "caf\u00e9",
+    "\u7528\u6237",
+    "\U0001f600",
+    "a/b",
+    "a%2Fb",
+    "a:b:c",
+    "a b",
+    "../../etc/passwd",
+    "a;b,c&d=e?f#g",
+    '"quoted"',
+    "\u202eright-to-left",
+    "x" * 256,
+]
+
+
+async def test_odd_user_and_item_ids_are_data_and_reported_as_unknown(registry, lastfm_scenario):
+    scenario = lastfm_scenario
+    body = scenario.body()
+    known_item = scenario.candidates[0]
+    known_user = scenario.interactions[0]["user"]
+    body["interactions"] = [
+        *scenario.interactions,
+        *({"user": odd, "item": known_item} for odd in ODD_IDS),
+        *({"user": known_user, "item": odd} for odd in ODD_IDS),
+    ]
+    body["candidates"] = [*scenario.candidates, *ODD_IDS]
+    async with running(settings_for(registry)) as (_, client):
+        response = await client.post(f"/scenarios/{scenario.scenario_id}/adapt", json=body)
+        assert response.status_code == 200, response.text
+        ignored = response.json()["ignored"]
+        assert sorted(ignored["unknown_users"]) == sorted(ODD_IDS)
+        assert sorted(ignored["unknown_items"]) == sorted(ODD_IDS)
+        assert response.json()["used_interactions"] == len(scenario.interactions)
+        for odd in ODD_IDS:
+            served = await client.get(
+                "/recommend", params={"user": odd, "scenario": scenario.scenario_id}
+            )
+            assert served.status_code == 200, (odd, served.text)
+            assert served.json()["user"] == odd and served.json()["source"] == "popular"
+            assert not set(ODD_IDS) & {i["item"] for i in served.json()["items"]}
+
+
+async def test_huge_and_control_character_ids_are_422(registry, lastfm_scenario, adapt_url):
+    scenario = lastfm_scenario
+    huge = "x" * 257
+    known_item = scenario.candidates[0]
+    async with running(settings_for(registry)) as (_, client):
+        bodies = {
+            "huge user": scenario.body(
+                interactions=[*scenario.interactions, {"user": huge, "item": known_item}]
+            ),
+            "huge item": scenario.body(
+                interactions=[*scenario.interactions, {"user": "u", "item": huge}],
+                candidates=[*scenario.candidates, huge],
+            ),
+            "huge candidate": scenario.body(candidates=[*scenario.candidates, huge]),
+            "empty user": scenario.body(interactions=[{"user": "", "item": known_item}]),
+            "empty candidate": scenario.body(candidates=[*scenario.candidates, ""]),
+            "tab in item": scenario.body(candidates=[*scenario.candidates, "a\tb"]),
+            "DEL in user": scenario.body(interactions=[{"user": "a\x7f", "item": known_item}]),
+            "number as id": scenario.body(candidates=[*scenario.candidates, 5]),
+            "null id": scenario.body(interactions=[{"user": None, "item": known_item}]),
+        }
+        for name, body in bodies.items():
+            response = await client.post(adapt_url, json=body)
+            assert response.status_code == 422, (name, response.text)
+        for user in (huge, "", "a\nb", "a\x00b"):
+            response = await client.get(
+                "/recommend", params={"user": user, "scenario": scenario.scenario_id}
+            )
+            assert response.status_code == 422, (user, response.text)
+        await nothing_stored(client)
+
+
+# ---- numbers out of range ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", ["0", "-1", "1001", "99999999999999999999999", "1.5", "ten", ""])
+async def test_n_out_of_range_is_422(registry, n):
+    async with running(settings_for(registry)) as (_, client):
+        response = await client.get("/recommend", params={"user": "u", "scenario": "s", "n": n})
+        assert response.status_code == 422, response.text
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "1001", "99999999999999999999999", "1.5", "all"])
+async def test_limit_out_of_range_is_422(registry, limit):
+    async with running(settings_for(registry)) as (_, client):
+        response = await client.get("/scenarios", params={"limit": limit})
+        assert response.status_code == 422, response.text
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64, 10**30, 1.5, "7", True, [1], {}])
+async def test_seed_out_of_range_is_422(registry, lastfm_scenario, adapt_url, seed):
+    async with running(settings_for(registry)) as (_, client):
+        response = await client.post(adapt_url, json=lastfm_scenario.body(seed=seed))
+        assert response.status_code == 422, (seed, response.text)
+        await nothing_stored(client)
+
+
+async def test_seed_bounds_are_accepted(registry, lastfm_scenario, adapt_url):
+    async with running(settings_for(registry)) as (_, client):
+        for seed in (0, 2**32 - 1):
+            response = await client.post(adapt_url, json=lastfm_scenario.body(seed=seed))
+            assert response.status_code == 200, (seed, response.text)
