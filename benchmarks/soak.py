@@ -146,8 +146,8 @@ class Stack:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
-    def train_and_publish(self, data: Path) -> str:
-        budget = ["--max-steps", "2", "--meta-batch", "2", "--embedding-dim", "16"]
+    def train_and_publish(self, data: Path, embedding_dim: int = 16) -> str:
+        budget = ["--max-steps", "2", "--meta-batch", "2", "--embedding-dim", str(embedding_dim)]
         paths = ["--data", str(data), "--out", str(self.artifact), "--cache-dir", str(self.cache)]
         run([S2META, "train", *paths, *budget])
         return self.publish()

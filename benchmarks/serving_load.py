@@ -1,0 +1,233 @@
+"""Serving under load: GET /recommend of the service against a bare FastAPI endpoint, side by
+side in one run, at fixed concurrency levels; and the service again while adaptations are
+posted during the load.
+
+The service runs as deployed (`s2meta serve`, one process, over Redis with its append-only
+file), with a meta learner trained on LastFM with a tiny budget (64-dim embeddings) and the
+LastFM meta-test scenarios whose pools hold 300 to 1,000 candidates registered first. The bare
+endpoint (benchmarks/bare_app.py) answers a constant JSON of the same shape and size under
+uvicorn with the same settings. The load generator is a separate process on loopback
+(asyncio + httpx, one connection per concurrent worker, bounded in time), each request a
+random (evaluation user, scenario) pair. Reported per target and level: requests/s and
+p50/p95/p99 latency in ms; the service's throughput as a share of the bare endpoint's (the
+ratio is what carries over between machines, these ones being noisy); recommend p99 with
+adaptations posted during the load against without.
+
+Prints a table and writes benchmarks/results/serving_load.json. Not part of the test run.
+Run: python -m benchmarks.serving_load [--seconds 10] [--levels 1,8,32]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks.report import DATA, write_report
+from benchmarks.soak import Stack, free_port, meta_test_scenarios, percentile, stop_process
+
+POOL_RANGE = (300, 1000)
+
+
+async def generate(url: str, pairs: list[list[str]], concurrency: int, seconds: float) -> dict:
+    """Drive GET {url}/recommend with `concurrency` workers for `seconds`."""
+    latencies: list[float] = []
+    failures = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+
+        async def worker(seed: int) -> None:
+            nonlocal failures
+            rng = random.Random(seed)
+            while time.perf_counter() < deadline:
+                user, scenario = rng.choice(pairs)
+                start = time.perf_counter()
+                response = await client.get(
+                    "/recommend", params={"user": user, "scenario": scenario}
+                )
+                latencies.append((time.perf_counter() - start) * 1000)
+                failures += response.status_code != 200
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {
+        "requests": len(latencies),
+        "failures": failures,
+        "requests_per_s": len(latencies) / elapsed,
+        "ms": {q: percentile(latencies, p) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))},
+    }
+
+
+def run_generator(url: str, pairs: Path, concurrency: int, seconds: float) -> dict:
+    """The generator in a process of its own, so it does not share the server's."""
+    command = [sys.executable, "-m", "benchmarks.serving_load", "generate", url, str(pairs)]
+    command += ["--concurrency", str(concurrency), "--seconds", str(seconds)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def start_bare(port: int, log: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "uvicorn", "benchmarks.bare_app:app", "--port", str(port)]
+    server = subprocess.Popen(
+        [*command, "--log-level", "info"], stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/recommend", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def post_adaptations(
+    url: str, token: str, bodies: list[tuple[str, dict]], every_s: float, stop: threading.Event
+) -> list[float]:
+    """Re-adapt registered scenarios every `every_s` until stopped; their durations in ms."""
+    durations = []
+    headers = {"Authorization": f"Bearer {token}"}
+    k = 0
+    while not stop.is_set():
+        scenario, body = bodies[k % len(bodies)]
+        start = time.perf_counter()
+        response = httpx.post(
+            f"{url}/scenarios/{scenario}/adapt",
+            json={**body, "seed": k},
+            headers=headers,
+            timeout=120,
+        )
+        response.raise_for_status()
+        durations.append((time.perf_counter() - start) * 1000)
+        k += 1
+        stop.wait(every_s)
+    return durations
+
+
+def print_table(figures: dict) -> None:
+    print(f"{'target':<24}{'conc.':>6}{'req/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}")
+    for row in figures["runs"]:
+        ms = row["ms"]
+        print(
+            f"{row['target']:<24}{row['concurrency']:>6}{row['requests_per_s']:>10.0f}"
+            f"{ms['p50']:>9.1f}{ms['p95']:>9.1f}{ms['p99']:>9.1f}"
+        )
+    for level, share in figures["service_share_of_bare"].items():
+        print(f"service throughput / bare at concurrency {level}: {share:.1%}")
+    print(f"recommend p99 with adaptations / without: {figures['p99_ratio_under_adaptation']:.2f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    commands = parser.add_subparsers(dest="command")
+    generate_cmd = commands.add_parser("generate", help="(internal) the load generator")
+    generate_cmd.add_argument("url")
+    generate_cmd.add_argument("pairs", type=Path)
+    generate_cmd.add_argument("--concurrency", type=int, required=True)
+    generate_cmd.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per run (default 10)")
+    parser.add_argument("--levels", default="1,8,32", help="concurrency levels (default 1,8,32)")
+    parser.add_argument("--adapt-every", type=float, default=1.0, help="seconds (default 1)")
+    args = parser.parse_args()
+    if args.command == "generate":
+        pairs = json.loads(args.pairs.read_text())
+        print(json.dumps(asyncio.run(generate(args.url, pairs, args.concurrency, args.seconds))))
+        return 0
+
+    levels = [int(level) for level in args.levels.split(",")]
+    with tempfile.TemporaryDirectory(prefix="s2meta-load-") as scratch:
+        root = Path(scratch)
+        stack = Stack(root, secrets.token_hex(16))
+        bare = None
+        try:
+            print("serving_load: training a meta learner (tiny budget, 64-dim) and publishing ...")
+            stack.start_redis()
+            stack.train_and_publish(DATA / "LastFM", embedding_dim=64)
+            stack.start_api()
+            scenarios = [
+                s
+                for s in meta_test_scenarios(stack.artifact, DATA / "LastFM", stack.cache)
+                if POOL_RANGE[0] <= len(s.body["candidates"]) <= POOL_RANGE[1]
+            ]
+            headers = {"Authorization": f"Bearer {stack.admin_token}"}
+            for scenario in scenarios:
+                httpx.post(
+                    f"{stack.base_url}/scenarios/{scenario.scenario_id}/adapt",
+                    json=scenario.body,
+                    headers=headers,
+                    timeout=120,
+                ).raise_for_status()
+            pairs = [[u, s.scenario_id] for s in scenarios for u in s.users]
+            pairs_path = root / "pairs.json"
+            pairs_path.write_text(json.dumps(pairs))
+            bare_port = free_port()
+            bare = start_bare(bare_port, root / "bare.log")
+            bare_url = f"http://127.0.0.1:{bare_port}"
+            print(
+                f"serving_load: {len(scenarios)} scenarios of {POOL_RANGE[0]}-{POOL_RANGE[1]} "
+                f"candidates, {len(pairs)} (user, scenario) pairs; {args.seconds:.0f} s per run"
+            )
+            runs = []
+            for level in levels:
+                for target, url in (("service", stack.base_url), ("bare FastAPI", bare_url)):
+                    figures = run_generator(url, pairs_path, level, args.seconds)
+                    runs.append({"target": target, "concurrency": level, **figures})
+            stop = threading.Event()
+            adapt_ms: list[float] = []
+            bodies = [(s.scenario_id, s.body) for s in scenarios]
+
+            def adapt_in_background() -> None:
+                adapt_ms.extend(
+                    post_adaptations(
+                        stack.base_url, stack.admin_token, bodies, args.adapt_every, stop
+                    )
+                )
+
+            poster = threading.Thread(target=adapt_in_background)
+            poster.start()
+            top = max(levels)
+            figures = run_generator(stack.base_url, pairs_path, top, args.seconds)
+            stop.set()
+            poster.join()
+            runs.append({"target": "service + adaptations", "concurrency": top, **figures})
+        finally:
+            if bare is not None:
+                stop_process(bare)
+            stack.close()
+
+    by = {(r["target"], r["concurrency"]): r for r in runs}
+    report = {
+        "seconds_per_run": args.seconds,
+        "scenarios": len(scenarios),
+        "pool_range": POOL_RANGE,
+        "cpus_seen": os.cpu_count(),
+        "runs": runs,
+        "service_share_of_bare": {
+            level: by[("service", level)]["requests_per_s"]
+            / by[("bare FastAPI", level)]["requests_per_s"]
+            for level in levels
+        },
+        "adaptations_during_load": len(adapt_ms),
+        "adapt_ms_median": percentile(adapt_ms, 50),
+        "p99_ratio_under_adaptation": by[("service + adaptations", top)]["ms"]["p99"]
+        / by[("service", top)]["ms"]["p99"],
+    }
+    print_table(report)
+    write_report("serving_load", report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
