@@ -49,8 +49,7 @@ import numpy as np
 import redis
 
 from benchmarks.report import DATA, write_report
-from meta_training.config import EmbeddingConfig, ProtocolConfig
-from meta_training.prepare import prepare
+from meta_training.prepare import prepare_for_artifact
 from service.store import RedisStore
 
 S2META = str(Path(sys.executable).with_name("s2meta"))
@@ -239,13 +238,7 @@ def run(command: list[str]) -> str:
 def meta_test_scenarios(artifact: Path, data: Path, cache: Path) -> list[Scenario]:
     """The benchmark's meta-test scenarios the artifact was trained beside, as string ids."""
     metrics = json.loads((artifact / "metrics.json").read_text())
-    benchmark = prepare(
-        data,
-        int(metrics["seed"]),
-        ProtocolConfig(**metrics["protocol"]),
-        EmbeddingConfig(**metrics["embedding"]),
-        cache,
-    ).benchmark
+    benchmark = prepare_for_artifact(metrics, data, cache).benchmark
     ids = benchmark.data
     scenarios = []
     for task in benchmark.test:

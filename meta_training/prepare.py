@@ -63,6 +63,18 @@ def prepare(
     return Prepared(benchmark, embeddings, directory, from_cache=False)
 
 
+def prepare_for_artifact(metrics: dict[str, object], data_path: Path, cache_root: Path) -> Prepared:
+    """The benchmark and embeddings an artifact was trained on, from its metrics.json (seed,
+    protocol and embedding settings), from the cache when it holds them."""
+    return prepare(
+        data_path,
+        int(metrics["seed"]),
+        ProtocolConfig(**metrics["protocol"]),
+        EmbeddingConfig(**metrics["embedding"]),
+        cache_root,
+    )
+
+
 def _fingerprint(
     data: InteractionData, seed: int, protocol: ProtocolConfig, embedding: EmbeddingConfig
 ) -> str:

@@ -12,11 +12,10 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from meta_training.config import EmbeddingConfig, ProtocolConfig
 from meta_training.episodes import support_input
 from meta_training.errors import SettingsError
 from meta_training.metrics import scenario_metrics
-from meta_training.prepare import prepare
+from meta_training.prepare import prepare_for_artifact
 from meta_training.protocol import ground_truth
 from model.artifact import load_artifact
 from model.learner import layout_of
@@ -28,13 +27,7 @@ def trace_scenario(
 ) -> dict[str, list[float]]:
     artifact = load_artifact(artifact_dir)
     metrics = artifact.metrics
-    prepared = prepare(
-        data_path,
-        int(metrics["seed"]),
-        ProtocolConfig(**metrics["protocol"]),
-        EmbeddingConfig(**metrics["embedding"]),
-        cache_dir,
-    )
+    prepared = prepare_for_artifact(metrics, data_path, cache_dir)
     benchmark = prepared.benchmark
     tasks = {task.scenario_id: task for task in [*benchmark.valid, *benchmark.test]}
     if scenario_id not in tasks:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from meta_training.config import EmbeddingConfig, ProtocolConfig, Settings
-from meta_training.prepare import prepare
+from meta_training.config import Settings
+from meta_training.prepare import prepare_for_artifact
 from meta_training.protocol import ground_truth
 
 
@@ -40,13 +40,7 @@ def main() -> None:
 
     metrics = json.loads((args.artifact / "metrics.json").read_text())
     print("demo: loading the benchmark the meta learner was trained on (cached) ...", flush=True)
-    benchmark = prepare(
-        args.data,
-        int(metrics["seed"]),
-        ProtocolConfig(**metrics["protocol"]),
-        EmbeddingConfig(**metrics["embedding"]),
-        Settings().cache_dir,
-    ).benchmark
+    benchmark = prepare_for_artifact(metrics, args.data, Settings().cache_dir).benchmark
     data = benchmark.data
     task = benchmark.test[0]  # a meta-test scenario: never seen by pretraining or training
     interactions = [

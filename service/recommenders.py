@@ -7,6 +7,7 @@ index when faiss sees a GPU and the service runs on CUDA) and queries with the u
 vector.
 """
 
+import itertools
 import logging
 import threading
 from collections import OrderedDict
@@ -65,7 +66,7 @@ class AdaptedRecommender:
             if item in position:
                 counts[position[item]] = count
         # Most popular first, ties in pool order: the fallback for users without an embedding.
-        self.popular_order = np.argsort(-counts, kind="stable")
+        self.popular_order: list[int] = np.argsort(-counts, kind="stable").tolist()
         self.popular_counts = counts
         self.seen: dict[str, list[int]] = {}
         for user, item in stored.state.interactions:
@@ -88,7 +89,7 @@ class AdaptedRecommender:
         excluded = set(self.seen.get(user, ())) if exclude_seen else set()
         wanted = min(n + len(excluded), len(self.pool_ids))
         if not self.loaded.has_embedding(user):
-            order = [int(k) for k in self.popular_order if int(k) not in excluded][:n]
+            order = list(itertools.islice((k for k in self.popular_order if k not in excluded), n))
             return Ranked(
                 "popular", [(self.pool_ids[k], float(self.popular_counts[k])) for k in order]
             )

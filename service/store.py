@@ -183,7 +183,6 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-_LARGE_FIELDS = ("params", "candidates", "interactions", "popularity")
 
 
 class RedisStore:
