@@ -9,12 +9,14 @@ Prints and writes benchmarks/results/adaptation_speed_<device>.json:
   machine's measured one-thread matmul rate) and the official code's figures as the issue
   gives them for this machine (128 ms per scenario, 233 ms per meta-training task);
 - a batch of 64 scenarios: scenarios per second;
-- meta-training: tasks per second (meta-batch 8, compiled, the differentiable controller).
-Run: python -m benchmarks.adaptation_speed [--device cpu|cuda] [--repeats 20]
+- meta-training: tasks per second (meta-batch 8, compiled, the differentiable controller);
+the last two on one thread and on all of the machine's cores.
+Run: python -m benchmarks.adaptation_speed [--device cpu|cuda] [--repeats 40]
 """
 
 import argparse
 import itertools
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -59,14 +61,19 @@ def time_calls(fn: Callable[[], object], repeats: int) -> list[float]:
 
 
 def step_flops(config: LearnerConfig) -> float:
-    """FLOPs of one adaptation step: the recommender's forward and backward on N positive
-    and N negative pairs, and the update controller over every parameter element."""
+    """FLOPs of one adaptation step at the least the computation needs: the recommender's
+    forward and backward (~2x) on N triples (the user's half of the first layer once per
+    triple, the rest for the positive and the negative pair), and the update controller over
+    every parameter element (its gate matmul over the gradient, parameter and hidden inputs:
+    the loss's share is one row per tensor; the gates' nonlinear work at ~30 FLOPs each)."""
     widths = config.recommender.mlp_widths()
-    mlp = sum(2 * a * b for a, b in itertools.pairwise(widths))
-    recommender = 3 * mlp * 2 * config.batch_size  # forward + ~2x backward, two pairs
+    d = config.recommender.embedding_dim
+    first_layer = 3 * 2 * d * widths[1]  # user half once, item half twice
+    rest = 2 * sum(2 * a * b for a, b in itertools.pairwise(widths[1:]))
+    recommender = 3 * (first_layer + rest) * config.batch_size
     n = layout_of(config).numel
     h = config.controller_hidden
-    controller = n * (2 * (6 + h) * 4 * h + 2 * h * 2 + 30 * 4 * h)  # matmuls + gate math
+    controller = n * (2 * (4 + h) * 4 * h + 2 * h * 2 + 30 * 4 * h)
     return recommender + controller
 
 
@@ -79,7 +86,7 @@ def matmul_gflops() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--batch-scenarios", type=int, default=64)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -116,17 +123,6 @@ def main() -> None:
         }
 
     many, many_uniforms = synthetic_batch(config, args.batch_scenarios, 1, device)
-    with torch.no_grad():
-        times = time_calls(
-            lambda: adapt(meta, config, tables, many, many_uniforms, compiled=True), 3
-        )
-    per_s = args.batch_scenarios / (statistics.median(times) / 1000)
-    figures["batched_scenarios_per_s"] = {
-        "scenarios": args.batch_scenarios,
-        "per_s": per_s,
-        "times_official_one_at_a_time": per_s * OFFICIAL_MS_PER_SCENARIO / 1000,
-    }
-
     trainable = {k: v.clone().requires_grad_(True) for k, v in meta.items()}
     train8, uniforms8 = synthetic_batch(config, 8, 2, device)
     test8 = {k: v[:, 0] for k, v in train8.items()}
@@ -135,12 +131,29 @@ def main() -> None:
         result = adapt(trainable, config, tables, train8, uniforms8, test8, compiled=True)
         result.theta.sum().backward()
 
-    times = time_calls(meta_step, 5)
-    tasks_per_s = 8 / (statistics.median(times) / 1000)
-    figures["meta_training_tasks_per_s"] = {
-        "per_s": tasks_per_s,
-        "times_official": tasks_per_s * OFFICIAL_MS_PER_TASK / 1000,
-    }
+    # Throughput on one thread and on every core (how the jobs run): the issue gives the
+    # official code's thread count only for the one-scenario figure.
+    thread_counts = [1, os.cpu_count() or 1] if device.type == "cpu" else [None]
+    for threads in dict.fromkeys(thread_counts):
+        if threads is not None:
+            torch.set_num_threads(threads)
+        label = f"{threads}_threads" if threads is not None else "device"
+        with torch.no_grad():
+            times = time_calls(
+                lambda: adapt(meta, config, tables, many, many_uniforms, compiled=True), 3
+            )
+        per_s = args.batch_scenarios / (statistics.median(times) / 1000)
+        figures[f"batched_scenarios_per_s_{label}"] = {
+            "scenarios": args.batch_scenarios,
+            "per_s": per_s,
+            "times_official_one_at_a_time": per_s * OFFICIAL_MS_PER_SCENARIO / 1000,
+        }
+        times = time_calls(meta_step, 5)
+        tasks_per_s = 8 / (statistics.median(times) / 1000)
+        figures[f"meta_training_tasks_per_s_{label}"] = {
+            "per_s": tasks_per_s,
+            "times_official": tasks_per_s * OFFICIAL_MS_PER_TASK / 1000,
+        }
 
     for name, value in figures.items():
         print(f"{name}: {value}")

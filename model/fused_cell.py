@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -30,7 +29,7 @@ from setuptools import Distribution
 from torch import Tensor
 from torch.utils import cpp_extension
 
-from model.controllers import PREPROCESS_P, preprocess
+from model.controllers import PREPROCESS_P
 from model.params import Params
 
 logger = logging.getLogger(__name__)
@@ -38,12 +37,12 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "update_cell.cpp"
 HIDDEN_SIZES = (8, 16, 32)  # the sizes the kernel is instantiated for
 
-GatesFn = Callable[
-    [Params, list[int], Tensor, Tensor, Tensor, Tensor, Tensor],
-    tuple[Tensor, Tensor, Tensor, Tensor],
-]
 
-
+# OpenMP: at::parallel_for spreads the blocks over torch's threads only where the extension
+# is built with it (without, it silently runs them one after another); the module then uses
+# the OpenMP runtime torch already loaded (libgomp.so.1, torch's own copy).
+OPENMP = "-fopenmp"
+COMPILE_FLAGS = ["-O3", "-ffast-math", OPENMP]
 ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mfma"]}
 
 
@@ -75,7 +74,8 @@ def build(capability: str) -> ModuleType:
     return cpp_extension.load(
         name=extension_name(capability),
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-ffast-math", *ISA_FLAGS.get(capability, [])],
+        extra_cflags=[*COMPILE_FLAGS, *ISA_FLAGS.get(capability, [])],
+        extra_ldflags=[OPENMP],
         verbose=False,
     )
 
@@ -99,7 +99,8 @@ def prebuild(target: Path, capabilities: tuple[str, ...] = ("DEFAULT", "AVX2", "
             sources=[str(SOURCE)],
             # -g0: no debug info (the interpreter's flags ask for it; it nearly doubles the
             # build time).
-            extra_compile_args=["-O3", "-g0", "-ffast-math", *ISA_FLAGS.get(capability, [])],
+            extra_compile_args=[*COMPILE_FLAGS, "-g0", *ISA_FLAGS.get(capability, [])],
+            extra_link_args=[OPENMP],
         )
         distribution = Distribution(
             {
@@ -136,49 +137,47 @@ class _FusedStep(torch.autograd.Function):
         extension: ModuleType,
         offsets: list[int],
         inputs: tuple[Tensor, ...],
+        states_out: tuple[Tensor, Tensor],
         *weights: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        alpha, beta, hidden, cell = extension.update_gates(*inputs, *weights, offsets, PREPROCESS_P)
+    ) -> tuple[Tensor, Tensor]:
+        alpha, beta = extension.update_gates(*inputs, *weights, offsets, PREPROCESS_P, *states_out)
         ctx.save_for_backward(*inputs, *weights)
         ctx.extension, ctx.offsets = extension, offsets
-        ctx.mark_non_differentiable(hidden, cell)
-        return alpha, beta, hidden, cell
+        return alpha, beta
 
     @staticmethod
     def backward(
-        ctx: torch.autograd.function.FunctionCtx,
-        d_alpha: Tensor,
-        d_beta: Tensor,
-        _d_hidden: Tensor,
-        _d_cell: Tensor,
+        ctx: torch.autograd.function.FunctionCtx, d_alpha: Tensor, d_beta: Tensor
     ) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
         d_weights = ctx.extension.update_gates_backward(
             *saved, ctx.offsets, PREPROCESS_P, d_alpha.contiguous(), d_beta.contiguous()
         )
-        return (None, None, None, *d_weights)
+        return (None, None, None, None, *d_weights)
 
 
-def fused_update_gates(meta: Params, sizes: list[int], hidden_size: int) -> GatesFn | None:
-    """A drop-in for `controllers.update_gates` on these controller weights (packed once, so
-    their gradients flow back through the packing), or None where the fused cell does not
-    apply: the weights are not float32 on the CPU, the hidden size is not built, or the cell
-    cannot be built here."""
-    controller = [value for name, value in meta.items() if name.startswith("update.")]
-    if hidden_size not in HIDDEN_SIZES or any(
-        w.device.type != "cpu" or w.dtype != torch.float32 for w in controller
-    ):
-        return None
-    extension = load()
-    if extension is None:
-        return None
-    packed = [
-        torch.stack([meta[f"update.{k}.{part}"] for k in range(len(sizes))])
-        for part in ("weight", "bias", "out_weight", "out_bias")
-    ]
-    offsets = [0, *itertools.accumulate(sizes)]
+class FusedGates:
+    """A drop-in for `controllers.update_gates` on one set of controller weights (packed
+    once, so their gradients flow back through the packing). Its recurrent states are the
+    kernel's lane-major [S, blocks, H, lanes] rather than the reference's [S, n, H]:
+    `zero_state` makes them."""
 
-    def gates(
+    def __init__(self, extension: ModuleType, meta: Params, sizes: list[int], hidden_size: int):
+        self.extension = extension
+        self.hidden_size = hidden_size
+        self.offsets = [0, *itertools.accumulate(sizes)]
+        lanes = int(extension.lanes)
+        self.state_shape = (sum(-(-size // lanes) for size in sizes), hidden_size, lanes)
+        self.packed = [
+            torch.stack([meta[f"update.{k}.{part}"] for k in range(len(sizes))])
+            for part in ("weight", "bias", "out_weight", "out_bias")
+        ]
+
+    def zero_state(self, num_scenarios: int, like: Tensor) -> Tensor:
+        return like.new_zeros(num_scenarios, *self.state_shape)
+
+    def __call__(
+        self,
         _meta: Params,
         _sizes: list[int],
         grad: Tensor,
@@ -187,13 +186,41 @@ def fused_update_gates(meta: Params, sizes: list[int], hidden_size: int) -> Gate
         hidden: Tensor,
         cell: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """alpha, beta [S, n] and the new states; without a backward pass to keep them for,
+        the new states are `hidden` and `cell` themselves, updated in place."""
         # The controller's inputs are constants (first-order), whatever their graph.
-        inputs = tuple(
-            x.detach().contiguous() for x in (grad, theta, preprocess(loss), hidden, cell)
-        )
-        return _FusedStep.apply(extension, offsets, inputs, *packed)
+        inputs = tuple(x.detach().contiguous() for x in (grad, theta, loss, hidden, cell))
+        if torch.is_grad_enabled() and any(w.requires_grad for w in self.packed):
+            # The backward pass reads this step's states: keep them.
+            states_out = (torch.empty_like(inputs[3]), torch.empty_like(inputs[4]))
+            alpha, beta = _FusedStep.apply(
+                self.extension, self.offsets, inputs, states_out, *self.packed
+            )
+        else:
+            # Without a backward pass the states are updated in place (no new buffers: at a
+            # batch of scenarios, fresh pages each step cost as much as a tenth of the step)
+            # and the extension is called directly (autograd's bookkeeping is a few percent
+            # of a step at one scenario).
+            states_out = (inputs[3], inputs[4])
+            alpha, beta = self.extension.update_gates(
+                *inputs, *self.packed, self.offsets, PREPROCESS_P, *states_out
+            )
+        return alpha, beta, *states_out
 
-    return gates
+
+def fused_update_gates(meta: Params, sizes: list[int], hidden_size: int) -> FusedGates | None:
+    """The fused cell on these controller weights, or None where it does not apply: the
+    weights are not float32 on the CPU, the hidden size is not built, or the cell cannot be
+    built here."""
+    controller = [value for name, value in meta.items() if name.startswith("update.")]
+    if hidden_size not in HIDDEN_SIZES or any(
+        w.device.type != "cpu" or w.dtype != torch.float32 for w in controller
+    ):
+        return None
+    extension = load()
+    if extension is None:
+        return None
+    return FusedGates(extension, meta, sizes, hidden_size)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ update controller. The stop controller learns by REINFORCE from the recorded log
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -125,19 +125,25 @@ def adapt(
     # A contiguous copy (still differentiable into omega_R), so every step sees one layout.
     theta = meta["init"].unsqueeze(0).repeat(num_scenarios, 1)
     n = theta.shape[1]
-    hidden = theta.new_zeros(num_scenarios, n, config.controller_hidden)
-    cell = torch.zeros_like(hidden)
-    stop_hidden = theta.new_zeros(num_scenarios, config.stop_hidden)
-    stop_cell = torch.zeros_like(stop_hidden)
-    active = torch.ones(num_scenarios, dtype=torch.bool, device=theta.device)
-    steps = torch.zeros(num_scenarios, dtype=torch.long, device=theta.device)
     fused_gates = (
         fused_update_gates(meta, sizes, config.controller_hidden)
         if fused and config.update_rule == "learned"
         else None
     )
+    if fused_gates is not None:
+        hidden = fused_gates.zero_state(num_scenarios, theta)
+    else:
+        hidden = theta.new_zeros(num_scenarios, n, config.controller_hidden)
+    cell = torch.zeros_like(hidden)
+    stop_hidden = theta.new_zeros(num_scenarios, config.stop_hidden)
+    stop_cell = torch.zeros_like(stop_hidden)
+    active = torch.ones(num_scenarios, dtype=torch.bool, device=theta.device)
+    steps = torch.zeros(num_scenarios, dtype=torch.long, device=theta.device)
     gates_fn = fused_gates or (_compiled_update_gates() if compiled else update_gates)
     loss_and_grad, batched_loss = _recommender_losses(config.recommender, compiled)
+    decide, update = _compiled_step_parts() if compiled else (_decide_stop, _apply_update)
+    stop_weights = {name: value for name, value in meta.items() if name.startswith("stop.")}
+    never = torch.zeros_like(active)
 
     test_losses: list[Tensor] = []
     records: list[dict[str, Tensor]] = []
@@ -148,17 +154,21 @@ def adapt(
         with torch.no_grad():  # first-order: the recommender's loss and gradient are constants
             if test is not None:
                 test_losses.append(batched_loss(theta.detach(), test, tables.user, tables.item))
-            grad, loss = loss_and_grad(theta.detach(), triples, tables.user, tables.item)
-        norms = torch.stack([part.norm(dim=1) for part in torch.split(grad, sizes, dim=1)], 1)
+            grad, loss, norms = loss_and_grad(theta.detach(), triples, tables.user, tables.item)
         if config.stop_rule == "learned":
-            p_stop, new_stop_hidden, new_stop_cell = stop_probability(
-                meta, loss, norms, stop_hidden, stop_cell
+            p_stop, new_stop_hidden, new_stop_cell, decided, stop_now, log_prob = decide(
+                stop_weights,
+                loss,
+                norms,
+                stop_hidden,
+                stop_cell,
+                active,
+                uniforms[:, t],
+                t >= config.min_steps,
             )
         else:
-            p_stop = torch.zeros_like(loss)
-            new_stop_hidden, new_stop_cell = stop_hidden, stop_cell
-        decided = active & (t >= config.min_steps) & (config.stop_rule == "learned")
-        stop_now = decided & (uniforms[:, t] < p_stop)
+            p_stop, log_prob = torch.zeros_like(loss), torch.zeros_like(loss)
+            new_stop_hidden, new_stop_cell, decided, stop_now = stop_hidden, stop_cell, never, never
         if config.update_rule == "learned":
             alpha, beta, new_hidden, new_cell = gates_fn(
                 meta, sizes, grad, theta.detach(), loss, hidden, cell
@@ -167,35 +177,31 @@ def adapt(
             alpha = torch.full_like(grad, config.sgd_lr)
             beta = torch.ones_like(grad)
             new_hidden, new_cell = hidden, cell
-        keep = active & ~stop_now
-        theta = torch.where(keep[:, None], beta * theta - alpha * grad, theta)
-        # Recurrent states carry no gradient from step to step (first-order). While every
-        # scenario still learns (the common case) the masked copy of the large states is
-        # skipped.
-        if bool(keep.all()):
-            hidden, cell = new_hidden.detach(), new_cell.detach()
-        else:
-            hidden = torch.where(keep[:, None, None], new_hidden.detach(), hidden)
-            cell = torch.where(keep[:, None, None], new_cell.detach(), cell)
-        stop_hidden = torch.where(keep[:, None], new_stop_hidden.detach(), stop_hidden)
-        stop_cell = torch.where(keep[:, None], new_stop_cell.detach(), stop_cell)
-        log_prob = torch.where(stop_now, torch.log(p_stop), torch.log1p(-p_stop))
-        records.append(
-            {
-                "train_loss": torch.where(active, loss, torch.nan),
-                "stop_probability": torch.where(active, p_stop, torch.nan),
-                "decision_log_prob": torch.where(decided, log_prob, 0.0),
-                "decided": decided,
-                "stopped": stop_now,
-                "alpha_mean": _segment_means(alpha, layout),
-                "beta_mean": _segment_means(beta, layout),
-            }
+        theta, keep, record = update(
+            theta,
+            alpha,
+            beta,
+            grad,
+            active,
+            decided,
+            stop_now,
+            loss,
+            p_stop,
+            log_prob,
+            sizes,
         )
+        # The recurrent states carry no gradient from step to step (first-order), and a
+        # scenario that stopped never reads its states again (it does not resume), so they
+        # are replaced unmasked.
+        hidden, cell = new_hidden.detach(), new_cell.detach()
+        stop_hidden, stop_cell = new_stop_hidden.detach(), new_stop_cell.detach()
+        records.append(record)
         steps = steps + keep.long()
         active = keep
         if thetas is not None:
             thetas.append(theta.detach().clone())
-        if not bool(active.any()):
+        # (No scenario stops before min_steps: the check, a synchronisation, waits till then.)
+        if t >= config.min_steps and not bool(active.any()):
             break
     if test is not None:
         with torch.no_grad():
@@ -216,28 +222,78 @@ def adapt(
     )
 
 
-def _segment_means(values: Tensor, layout: ParamLayout) -> Tensor:
-    """[S, K] mean of [S, n] over each parameter tensor's segment."""
-    return values @ _segment_averaging(layout, values.dtype, values.device)
+def _decide_stop(
+    stop_weights: Params,
+    loss: Tensor,
+    norms: Tensor,
+    hidden: Tensor,
+    cell: Tensor,
+    active: Tensor,
+    uniform: Tensor,
+    may_stop: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One step of the stop controller over the loss [S] and the per-tensor gradient norms
+    [S, K]: p_stop, its new states, whether a decision was drawn, whether to stop now, and
+    the decision's log-probability (for REINFORCE); all [S]."""
+    p_stop, hidden, cell = stop_probability(stop_weights, loss, norms, hidden, cell)
+    decided = active & may_stop
+    stop_now = decided & (uniform < p_stop)
+    log_prob = torch.where(stop_now, torch.log(p_stop), torch.log1p(-p_stop))
+    return p_stop, hidden, cell, decided, stop_now, log_prob
+
+
+def _apply_update(
+    theta: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    grad: Tensor,
+    active: Tensor,
+    decided: Tensor,
+    stop_now: Tensor,
+    loss: Tensor,
+    p_stop: Tensor,
+    log_prob: Tensor,
+    sizes: list[int],
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """theta_t = beta * theta_{t-1} - alpha * grad where the scenario keeps learning; returns
+    it, which scenarios kept learning, and the step's records."""
+    keep = active & ~stop_now
+    theta = torch.where(keep[:, None], beta * theta - alpha * grad, theta)
+    record = {
+        "train_loss": torch.where(active, loss, torch.nan),
+        "stop_probability": torch.where(active, p_stop, torch.nan),
+        "decision_log_prob": torch.where(decided, log_prob, 0.0),
+        "decided": decided,
+        "stopped": stop_now,
+        "alpha_mean": _segment_means(alpha, sizes),
+        "beta_mean": _segment_means(beta, sizes),
+    }
+    return theta, keep, record
 
 
 @functools.cache
-def _segment_averaging(layout: ParamLayout, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """[n, K]: column k averages segment k (one matmul instead of K reductions)."""
-    one_hot = torch.nn.functional.one_hot(layout.segment_ids(), len(layout.names)).to(dtype)
-    return (one_hot / torch.tensor(layout.sizes, dtype=dtype)).to(device)
+def _compiled_step_parts() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The stop decision and the update as compiled functions: at one scenario a step's
+    small-tensor work is mostly per-operation overhead, which compiling fuses away."""
+    return torch.compile(_decide_stop), torch.compile(_apply_update)
+
+
+def _segment_means(values: Tensor, sizes: list[int]) -> Tensor:
+    """[S, K]: the mean of [S, n] over each parameter tensor's segment."""
+    return torch.stack([part.mean(dim=1) for part in values.split(sizes, dim=1)], dim=1)
 
 
 @functools.cache
 def _recommender_losses(
     spec: RecommenderSpec, compiled: bool
 ) -> tuple[
-    Callable[[Tensor, dict[str, Tensor], Tensor, Tensor], tuple[Tensor, Tensor]],
+    Callable[[Tensor, dict[str, Tensor], Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
     Callable[[Tensor, dict[str, Tensor], Tensor, Tensor], Tensor],
 ]:
-    """(grad [S, n], loss [S]) and loss [S] of S scenarios' hinge losses, each at its own flat
-    parameters [S, n] on its own triples: vmap over the scenarios, the embedding tables
-    (user, item) shared. Both are constants to the meta-gradient (first-order)."""
+    """(grad [S, n], loss [S], the gradient's norm per parameter tensor [S, K]) and loss [S]
+    of S scenarios' hinge losses, each at its own flat parameters [S, n] on its own triples:
+    vmap over the scenarios, the embedding tables (user, item) shared. All are constants to
+    the meta-gradient (first-order)."""
     # One pair per recommender (not per learner config, so ablations share the compiled
     # graphs), each its own function; `adapt` calls them without autograd's grad mode
     # (torch.func.grad differentiates regardless, and dynamo guards on the mode), so
@@ -254,15 +310,20 @@ def _recommender_losses(
 
     def grad_and_loss(
         flat: Tensor, triples: dict[str, Tensor], user: Tensor, item: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        return with_grad(flat, triples, user, item)
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        grad, loss = with_grad(flat, triples, user, item)
+        norms = torch.stack([part.norm(dim=1) for part in grad.split(layout.sizes, dim=1)], 1)
+        return grad, loss, norms
 
     def loss(flat: Tensor, triples: dict[str, Tensor], user: Tensor, item: Tensor) -> Tensor:
         return loss_only(flat, triples, user, item)
 
     if compiled:
-        # Dynamic shapes: the batch of scenarios changes (meta-batch, validation, serving).
-        return torch.compile(grad_and_loss, dynamic=True), torch.compile(loss, dynamic=True)
+        # Shapes start specialised and turn dynamic only where a later call differs (the
+        # scenario batch: meta-batch, validation, serving), so the layout's sizes stay
+        # constants: compiled with every shape dynamic, each call evaluated symbolic guards
+        # over them, a tenth of a one-scenario step.
+        return torch.compile(grad_and_loss), torch.compile(loss)
     return grad_and_loss, loss
 
 

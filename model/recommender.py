@@ -90,19 +90,39 @@ def item_vector(spec: RecommenderSpec, params: Params, item: Tensor) -> Tensor:
     return item + _apply_mlp(params, "item_tower", item, len(spec.tower_widths()) - 1)
 
 
+def _first_layer_halves(params: Params, user: Tensor, item: Tensor) -> tuple[Tensor, Tensor]:
+    """The MLP's first layer on [e_u, e_i] split into its user and item halves,
+    [e_u, e_i] @ W + b = (e_u @ W_u + b) + e_i @ W_i: a user's half is computed once for all
+    the items it meets (both items of a triple, a whole pool), and the first layer is three
+    quarters of the MLP's work."""
+    weight = params["mlp.0.weight"]
+    d = user.shape[-1]
+    return user @ weight[:d] + params["mlp.0.bias"], item @ weight[d:]
+
+
+def _mlp_variant_scores(
+    spec: RecommenderSpec, params: Params, first: Tensor, dot: Tensor, item_pop: Tensor
+) -> Tensor:
+    """Interaction and hybrid scores from the first layer's output (before its ReLU) and,
+    for the hybrid, the embeddings' dot product and the items' log-counts."""
+    x = first
+    for layer in range(1, len(spec.mlp_widths()) - 1):
+        x = torch.relu(x) @ params[f"mlp.{layer}.weight"] + params[f"mlp.{layer}.bias"]
+    mlp = x.squeeze(-1)
+    if spec.variant == "interaction":
+        return mlp
+    return params["dot_scale"] * dot + params["pop_weight"] * item_pop + mlp
+
+
 def score(
     spec: RecommenderSpec, params: Params, user: Tensor, item: Tensor, item_pop: Tensor
 ) -> Tensor:
     """Scores [...] of pairs: user, item [..., D] embeddings, item_pop [...] log-counts."""
     if spec.variant == "mapping":
         return (user_vector(spec, params, user) * item_vector(spec, params, item)).sum(-1)
-    layers = len(spec.mlp_widths()) - 1
-    pair = torch.cat([user, item], dim=-1)
-    mlp = _apply_mlp(params, "mlp", pair, layers).squeeze(-1)
-    if spec.variant == "interaction":
-        return mlp
+    user_half, item_half = _first_layer_halves(params, user, item)
     dot = (user * item).sum(-1)
-    return params["dot_scale"] * dot + params["pop_weight"] * item_pop + mlp
+    return _mlp_variant_scores(spec, params, user_half + item_half, dot, item_pop)
 
 
 def hinge_loss(
@@ -115,9 +135,19 @@ def hinge_loss(
     negative_pop: Tensor,
 ) -> Tensor:
     """mean over the batch of max(0, 1 - f(u, i) + f(u, i-)); inputs [N, D] and [N]."""
-    margin = score(spec, params, user, positive, positive_pop) - score(
-        spec, params, user, negative, negative_pop
-    )
+    if spec.variant == "mapping":
+        margin = score(spec, params, user, positive, positive_pop) - score(
+            spec, params, user, negative, negative_pop
+        )
+    else:
+        # The user's half of the first layer once for both items of the triple.
+        user_half, positive_half = _first_layer_halves(params, user, positive)
+        negative_half = negative @ params["mlp.0.weight"][user.shape[-1] :]
+        margin = _mlp_variant_scores(
+            spec, params, user_half + positive_half, (user * positive).sum(-1), positive_pop
+        ) - _mlp_variant_scores(
+            spec, params, user_half + negative_half, (user * negative).sum(-1), negative_pop
+        )
     return torch.relu(1.0 - margin).mean()
 
 
@@ -127,11 +157,6 @@ def score_pool(
     """Scores [U, P] of every user against every pool item: users [U, D], pool [P, D]."""
     if spec.variant == "mapping":
         return user_vector(spec, params, users) @ item_vector(spec, params, pool).T
-    shape = (users.shape[0], pool.shape[0], users.shape[1])
-    return score(
-        spec,
-        params,
-        users[:, None, :].expand(shape),
-        pool[None, :, :].expand(shape),
-        pool_pop[None, :].expand(shape[:2]),
-    )
+    user_half, pool_half = _first_layer_halves(params, users, pool)
+    first = user_half[:, None, :] + pool_half[None, :, :]  # [U, P, D]
+    return _mlp_variant_scores(spec, params, first, users @ pool.T, pool_pop[None, :])

@@ -15,6 +15,45 @@ from model.learner import adapt, init_meta_params
 from tests.test_learner import make_config, scenario_batches, tables  # noqa: F401
 
 
+def lane_major(state: torch.Tensor, sizes: list[int], lanes: int) -> torch.Tensor:
+    """[S, n, H] -> the kernel's [S, blocks, H, lanes]: each tensor's elements in runs of
+    `lanes`, the last run padded with zeros."""
+    blocks = []
+    for part in torch.split(state, sizes, dim=1):
+        padded = torch.nn.functional.pad(part, (0, 0, 0, -part.shape[1] % lanes))
+        blocks.append(padded.unflatten(1, (-1, lanes)).transpose(2, 3))
+    return torch.cat(blocks, dim=1).contiguous()
+
+
+def element_major(state: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """The kernel's [S, blocks, H, lanes] -> [S, n, H], dropping the padding lanes."""
+    lanes = state.shape[-1]
+    parts, start = [], 0
+    for size in sizes:
+        count = -(-size // lanes)
+        block = state[:, start : start + count].transpose(2, 3).flatten(1, 2)
+        parts.append(block[:, :size])
+        start += count
+    return torch.cat(parts, dim=1)
+
+
+def instruction_sets() -> list[str]:
+    """The machine's own build and, on an AVX-512 machine, the AVX2 build too (eight lanes and
+    the portable exp: what AVX2 machines run)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return [capability, "AVX2"] if capability == "AVX512" else [capability]
+
+
+@pytest.fixture(scope="module", params=instruction_sets())
+def extension(request):
+    if request.param == torch.backends.cpu.get_cpu_capability():
+        module = fused_cell.load()
+    else:
+        module = fused_cell.build(request.param)
+    assert module is not None, "the fused cell should build on this machine"
+    return module
+
+
 def controller_inputs(sizes: list[int], scenarios: int, hidden_size: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
     meta = init_update_controller(len(sizes), hidden_size, generator)
@@ -33,35 +72,64 @@ def controller_inputs(sizes: list[int], scenarios: int, hidden_size: int, seed: 
 
 @pytest.mark.parametrize("hidden_size", fused_cell.HIDDEN_SIZES)
 @pytest.mark.parametrize("scenarios", [1, 3])
-def test_fused_gates_equal_the_reference(hidden_size, scenarios):
-    # Segment sizes that are not multiples of the kernel's eight lanes, and a one-element one.
+def test_fused_gates_equal_the_reference(extension, hidden_size, scenarios):
+    # Segment sizes that are not multiples of the kernel's lanes, and a one-element one.
     sizes = [37, 8, 1, 20, 64]
     meta, *inputs = controller_inputs(sizes, scenarios, hidden_size, seed=hidden_size)
-    gates = fused_cell.fused_update_gates(meta, sizes, hidden_size)
-    assert gates is not None, "the fused cell should build on this machine"
+    gates = fused_cell.FusedGates(extension, meta, sizes, hidden_size)
+    grad, theta, loss, hidden, cell = inputs
+    lanes = gates.state_shape[-1]
+    assert lanes == extension.lanes
+    assert gates.zero_state(scenarios, grad).shape == (scenarios, *gates.state_shape)
+    states = (lane_major(hidden, sizes, lanes), lane_major(cell, sizes, lanes))
     with torch.no_grad():
         expected = update_gates(meta, sizes, *inputs)
-        fused = gates(meta, sizes, *inputs)
+        alpha, beta, new_hidden, new_cell = gates(meta, sizes, grad, theta, loss, *states)
+    # Without a backward pass the states are updated in place.
+    assert new_hidden.data_ptr() == states[0].data_ptr()
+    assert new_cell.data_ptr() == states[1].data_ptr()
+    fused = (alpha, beta, element_major(new_hidden, sizes), element_major(new_cell, sizes))
     for name, want, got in zip(("alpha", "beta", "hidden", "cell"), expected, fused, strict=True):
         assert got.shape == want.shape, name
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6, msg=name)
 
 
-@pytest.mark.parametrize("hidden_size", [8, 16])
-def test_fused_gradients_equal_the_reference(hidden_size):
-    sizes = [37, 8, 1, 20]
+@pytest.mark.parametrize(
+    ("hidden_size", "sizes", "threads"),
+    [
+        (8, [37, 8, 1, 20], 1),
+        (16, [37, 8, 1, 20], 1),
+        # A tensor of more elements than one product tile of the backward pass holds, and
+        # the blocks shared between two threads (each with its own partial sums).
+        (16, [2100, 37], 1),
+        (16, [2100, 37], 2),
+    ],
+)
+def test_fused_gradients_equal_the_reference(extension, hidden_size, sizes, threads):
     meta, *inputs = controller_inputs(sizes, 2, hidden_size, seed=7)
     generator = torch.Generator().manual_seed(8)
     d_alpha, d_beta = (torch.randn(2, sum(sizes), generator=generator) for _ in range(2))
 
-    def weight_gradients(gates_of) -> dict[str, torch.Tensor]:
+    def weight_gradients(gates_of, states_of) -> dict[str, torch.Tensor]:
         trainable = {name: value.clone().requires_grad_(True) for name, value in meta.items()}
-        alpha, beta, _, _ = gates_of(trainable)(trainable, sizes, *inputs)
+        grad, theta, loss, hidden, cell = inputs
+        alpha, beta, new_hidden, _ = gates_of(trainable)(
+            trainable, sizes, grad, theta, loss, states_of(hidden), states_of(cell)
+        )
+        assert new_hidden.data_ptr() != hidden.data_ptr()  # the backward pass reads the input
         ((alpha * d_alpha).sum() + (beta * d_beta).sum()).backward()
         return {name: value.grad for name, value in trainable.items()}
 
-    expected = weight_gradients(lambda _: update_gates)
-    fused = weight_gradients(lambda m: fused_cell.fused_update_gates(m, sizes, hidden_size))
+    expected = weight_gradients(lambda _: update_gates, lambda state: state)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused = weight_gradients(
+            lambda m: fused_cell.FusedGates(extension, m, sizes, hidden_size),
+            lambda state: lane_major(state, sizes, extension.lanes),
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
     for name, want in expected.items():
         assert want.abs().sum() > 0, name
         torch.testing.assert_close(fused[name], want, rtol=1e-4, atol=1e-5, msg=name)
@@ -121,12 +189,13 @@ def test_a_prebuilt_cell_loads_without_a_compiler(tmp_path):
         "print(module.__file__)\n"
         "sizes = [37, 8]; g = torch.Generator().manual_seed(0)\n"
         "meta = controllers.init_update_controller(2, 16, g)\n"
-        "args = (torch.randn(1, 45) * 0.01, torch.randn(1, 45), torch.rand(1) + 0.1,"
-        " torch.zeros(1, 45, 16), torch.zeros(1, 45, 16))\n"
+        "args = (torch.randn(1, 45) * 0.01, torch.randn(1, 45), torch.rand(1) + 0.1)\n"
+        "gates = fused_cell.fused_update_gates(meta, sizes, 16)\n"
         "with torch.no_grad():\n"
-        "    want = controllers.update_gates(meta, sizes, *args)\n"
-        "    got = fused_cell.fused_update_gates(meta, sizes, 16)(meta, sizes, *args)\n"
-        "for a, b in zip(want, got): torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)\n"
+        "    want = controllers.update_gates(meta, sizes, *args, *[torch.zeros(1, 45, 16)] * 2)\n"
+        "    got = gates(meta, sizes, *args, *[gates.zero_state(1, args[0])] * 2)\n"
+        "for a, b in zip(want[:2], got[:2]):\n"
+        "    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)\n"
     )
     bare_path = tmp_path / "bin"
     bare_path.mkdir()  # nothing on PATH: no compiler, no ninja

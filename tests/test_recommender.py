@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.params import ParamLayout
-from model.recommender import RecommenderSpec, init_params, score, score_pool
+from model.recommender import RecommenderSpec, hinge_loss, init_params, score, score_pool
 from model.sampling import pool_popularity, sample_triples
 
 
@@ -78,3 +78,35 @@ def test_popularity_leaves_the_positive_itself_out():
 def test_training_items_outside_the_pool_are_refused():
     with pytest.raises(ValueError, match="pool"):
         sample_triples(np.array([0]), np.array([99]), np.arange(5), (4,), np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("variant", ["interaction", "hybrid"])
+def test_scores_and_hinge_loss_follow_the_concatenated_definition(variant):
+    """The first layer runs as a user half and an item half: the scores still equal the MLP
+    on [e_u, e_i], and the hinge loss the mean of max(0, 1 - f(u, i) + f(u, i-))."""
+    spec = RecommenderSpec(variant, 8)
+    generator = torch.Generator().manual_seed(1)
+    params = {
+        name: value + torch.randn(value.shape, generator=generator) * 0.1
+        for name, value in init_params(spec, generator).items()
+    }
+    user, positive, negative = (torch.randn(5, 8, generator=generator) for _ in range(3))
+    positive_pop, negative_pop = torch.rand(5, generator=generator), torch.rand(5)
+
+    def by_definition(item: torch.Tensor, pop: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([user, item], dim=-1)
+        layers = len(spec.mlp_widths()) - 1
+        for layer in range(layers):
+            x = x @ params[f"mlp.{layer}.weight"] + params[f"mlp.{layer}.bias"]
+            x = torch.relu(x) if layer < layers - 1 else x
+        mlp = x.squeeze(-1)
+        if variant == "interaction":
+            return mlp
+        return params["dot_scale"] * (user * item).sum(-1) + params["pop_weight"] * pop + mlp
+
+    want_positive = by_definition(positive, positive_pop)
+    torch.testing.assert_close(score(spec, params, user, positive, positive_pop), want_positive)
+    want_loss = torch.relu(1 - want_positive + by_definition(negative, negative_pop)).mean()
+    loss = hinge_loss(spec, params, user, positive, negative, positive_pop, negative_pop)
+    assert want_loss > 0
+    torch.testing.assert_close(loss, want_loss)

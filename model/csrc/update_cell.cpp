@@ -1,11 +1,13 @@
-// The update controller's layer-normalised LSTM step, fused: one pass per block of eight
-// parameter elements computes the preprocessed inputs, the gate pre-activations, both layer
-// norms, the gates and the new hidden and cell states, with the elements in SIMD lanes so
-// every step is a vertical vector operation (GCC vector extensions; the compiler picks the
-// instruction set it is told the machine has). The backward pass recomputes a block's forward
-// and returns the gradients of the controller's weights given those of alpha and beta (the
-// only outputs the first-order meta-gradient reaches: the recurrent states and the inputs are
-// constants). Both match the reference (model/controllers.py) to float rounding
+// The update controller's layer-normalised LSTM step, fused: one pass per block of parameter
+// elements (one SIMD register's lanes: sixteen with AVX-512, else eight) computes the
+// preprocessed inputs, the gate pre-activations, both layer norms, the gates and the new
+// hidden and cell states, with the elements in the lanes so every step is a vertical vector
+// operation (GCC vector extensions; the compiler picks the instruction set it is told the
+// machine has). The recurrent states are kept lane-major, [scenario, block, H, lane], so a
+// block reads and writes them as whole registers. The backward pass recomputes a block's
+// forward and returns the gradients of the controller's weights given those of alpha and beta
+// (the only outputs the first-order meta-gradient reaches: the recurrent states and the
+// inputs are constants). Both match the reference (model/controllers.py) to float rounding
 // (tests/test_fused_cell.py).
 #include <torch/extension.h>
 
@@ -16,24 +18,68 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
 constexpr int kLanes = 8;
+#endif
 constexpr int kInputs = 6;  // pre(grad), pre(param), pre(loss): two values each
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int IntVec __attribute__((vector_size(kLanes * sizeof(int))));
 
-inline Vec splat(float a) { return Vec{a, a, a, a, a, a, a, a}; }
+inline Vec splat(float a) { return a - Vec{}; }
 inline Vec load(const float* p) { Vec v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+// The first `count` lanes from p, the rest zero (a block at the end of a parameter tensor).
+inline Vec load_part(const float* p, int count) {
+  if (count == kLanes) return load(p);
+  Vec v = splat(0.0f);
+  for (int l = 0; l < count; ++l) v[l] = p[l];
+  return v;
+}
+inline void store_part(float* p, Vec v, int count) {
+  if (count == kLanes) return store(p, v);
+  for (int l = 0; l < count; ++l) p[l] = v[l];
+}
 inline float lane_sum(Vec v) {
   float total = 0.0f;
   for (int l = 0; l < kLanes; ++l) total += v[l];
   return total;
 }
+inline Vec as_float(IntVec bits) { Vec v; std::memcpy(&v, &bits, sizeof v); return v; }
+inline IntVec as_int(Vec v) { IntVec bits; std::memcpy(&bits, &v, sizeof bits); return bits; }
 
-// exp(x): x = m ln2 + r with |r| <= ln2 / 2, exp(r) by the Cephes expf polynomial, 2^m put
-// into the exponent bits. Relative error about 1e-7 over the clamped range.
+// exp(r) for |r| <= ln2 / 2: the Cephes expf polynomial, relative error about 1e-7.
+inline Vec exp_reduced(Vec r) {
+  Vec p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  return p * r * r + r + splat(1.0f);
+}
+
+#if defined(__AVX512F__)
+// exp(x) = 2^m exp(r), x = m ln2 + r: AVX-512 rounds m in one instruction and applies 2^m
+// with vscalefps, which saturates to 0 or infinity out of range (no clamps, no integer
+// conversion): a third fewer instructions than the portable version below, and exp is most
+// of the cell's nonlinear work.
+inline Vec vexp(Vec x) {
+  const Vec m = (Vec)_mm512_roundscale_ps((__m512)(x * splat(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const Vec r = x - m * splat(0.693359375f) + m * splat(2.12194440e-4f);
+  return (Vec)_mm512_scalef_ps((__m512)exp_reduced(r), (__m512)m);
+}
+#else
+// exp(x) = 2^m exp(r), x = m ln2 + r, 2^m put into the exponent bits. Relative error about
+// 1e-7 over the clamped range.
 inline Vec vexp(Vec x) {
   x = x < splat(-87.0f) ? splat(-87.0f) : x;
   x = x > splat(88.0f) ? splat(88.0f) : x;
@@ -41,26 +87,62 @@ inline Vec vexp(Vec x) {
   const IntVec m = __builtin_convertvector(rounded, IntVec);
   const Vec mf = __builtin_convertvector(m, Vec);
   const Vec r = x - mf * splat(0.693359375f) + mf * splat(2.12194440e-4f);
-  Vec p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * r * r + r + splat(1.0f);
-  const IntVec bits = (m + 127) << 23;
-  Vec scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return exp_reduced(r) * as_float((m + 127) << 23);
+}
+#endif
+
+// log(x) for normal x > 0: x = f 2^e with f in [sqrt(1/2), sqrt(2)), log(f) by the Cephes
+// logf polynomial in f - 1. Relative error about 1e-7.
+inline Vec vlog(Vec x) {
+  const IntVec bits = as_int(x);
+  Vec e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, Vec);
+  Vec f = as_float((bits & 0x007fffff) | 0x3f000000);  // in [1/2, 1)
+  const auto below = f < splat(0.707106781186547524f);
+  e = below ? e - splat(1.0f) : e;
+  f = below ? f + f - splat(1.0f) : f - splat(1.0f);
+  const Vec z = f * f;
+  Vec y = splat(7.0376836292e-2f);
+  y = y * f - splat(1.1514610310e-1f);
+  y = y * f + splat(1.1676998740e-1f);
+  y = y * f - splat(1.2420140846e-1f);
+  y = y * f + splat(1.4249322787e-1f);
+  y = y * f - splat(1.6668057665e-1f);
+  y = y * f + splat(2.0000714765e-1f);
+  y = y * f - splat(2.4999993993e-1f);
+  y = y * f + splat(3.3333331174e-1f);
+  y = y * f * z + e * splat(-2.12194440e-4f) - splat(0.5f) * z;
+  return f + y + e * splat(0.693359375f);
 }
 
-inline Vec vsigmoid(Vec x) { return splat(1.0f) / (splat(1.0f) + vexp(-x)); }
+// The lower clamp keeps exp(-x) finite (fast-math reciprocals do not expect infinity).
+inline Vec vsigmoid(Vec x) {
+  x = x < splat(-80.0f) ? splat(-80.0f) : x;
+  return splat(1.0f) / (splat(1.0f) + vexp(-x));
+}
 inline Vec vtanh(Vec x) { return splat(2.0f) * vsigmoid(splat(2.0f) * x) - splat(1.0f); }
 
 inline Vec vrsqrt(Vec x) {
   Vec r;
   for (int l = 0; l < kLanes; ++l) r[l] = 1.0f / std::sqrt(x[l]);
   return r;
+}
+
+// pre(x) = (log|x| / p, sgn x) if |x| >= e^-p else (-1, e^p x), lane by lane.
+inline void preprocess(Vec x, float p, Vec& log_part, Vec& sign_part) {
+  const float tiny = std::exp(-p);
+  const Vec magnitude = x < 0 ? -x : x;
+  const auto large = magnitude >= splat(tiny);
+  log_part = large ? vlog(large ? magnitude : splat(tiny)) * splat(1.0f / p) : splat(-1.0f);
+  const Vec sign = x > 0 ? splat(1.0f) : (x < 0 ? splat(-1.0f) : splat(0.0f));
+  sign_part = large ? sign : x * splat(std::exp(p));
+}
+
+// The same for one value (the loss).
+inline void preprocess_scalar(float x, float p, float& log_part, float& sign_part) {
+  const float magnitude = std::fabs(x);
+  const bool large = magnitude >= std::exp(-p);
+  log_part = large ? std::log(magnitude) / p : -1.0f;
+  sign_part = large ? static_cast<float>((x > 0) - (x < 0)) : std::exp(p) * x;
 }
 
 // One parameter tensor's controller weights.
@@ -71,22 +153,42 @@ struct Weights {
   const float* out_bias;    // [2]
 };
 
-// Where one block reads and writes: `count` <= 8 consecutive elements of one parameter tensor
-// of one scenario.
+// Where one block reads: `count` <= kLanes consecutive elements of one parameter tensor of
+// one scenario, and their recurrent states (lane-major, [H, kLanes]).
 struct Block {
   int count;
   const float* grad;
   const float* theta;
   float pre_loss0, pre_loss1;
-  const float* hidden;  // [count, H]
-  const float* cell;    // [count, H]
+  const float* hidden;
+  const float* cell;
+};
+
+// The preprocessed loss is one value per scenario, so its share of the gate pre-activations,
+// pre(loss) @ weight[4:6], is one row per (scenario, tensor): computed once there rather than
+// in every lane of every block.
+template <int H>
+struct LossTerm {
+  float values[4 * H];
+  int64_t scenario = -1, tensor = -1;
+
+  const float* of(const Block& block, const Weights& w, int64_t s, int64_t k) {
+    if (s != scenario || k != tensor) {
+      for (int o = 0; o < 4 * H; ++o)
+        values[o] = block.pre_loss0 * w.weight[4 * 4 * H + o] +
+                    block.pre_loss1 * w.weight[5 * 4 * H + o];
+      scenario = s;
+      tensor = k;
+    }
+    return values;
+  }
 };
 
 // A block's forward pass, keeping what the backward pass needs.
 template <int H>
 struct Step {
   static constexpr int gates = 4 * H, inputs = kInputs + H;
-  alignas(32) float x[inputs][kLanes];
+  Vec x[inputs];
   Vec cell_in[H];
   Vec normed[gates];  // layer-normalised pre-activations, before the bias
   Vec rstd;
@@ -98,31 +200,25 @@ struct Step {
   Vec hidden[H];
   Vec alpha, beta;
 
-  void run(const Block& in, const Weights& w, float p) {
-    const float tiny = std::exp(-p), big = std::exp(p);
-    for (int l = 0; l < kLanes; ++l) {
-      const int e = l < in.count ? l : 0;  // lanes past the tensor's end repeat its first
-      const float values[2] = {in.grad[e], in.theta[e]};
-      for (int j = 0; j < 2; ++j) {
-        const float magnitude = std::fabs(values[j]);
-        const bool large = magnitude >= tiny;
-        x[2 * j][l] = large ? std::log(magnitude) / p : -1.0f;
-        x[2 * j + 1][l] =
-            large ? static_cast<float>((values[j] > 0) - (values[j] < 0)) : big * values[j];
-      }
-      x[4][l] = in.pre_loss0;
-      x[5][l] = in.pre_loss1;
-      for (int k = 0; k < H; ++k) {
-        x[kInputs + k][l] = in.hidden[e * H + k];
-        cell_in[k][l] = in.cell[e * H + k];
-      }
+  void run(const Block& in, const Weights& w, const float* loss_term, float p) {
+    preprocess(load_part(in.grad, in.count), p, x[0], x[1]);
+    preprocess(load_part(in.theta, in.count), p, x[2], x[3]);
+    x[4] = splat(in.pre_loss0);
+    x[5] = splat(in.pre_loss1);
+    for (int k = 0; k < H; ++k) {
+      x[kInputs + k] = load(in.hidden + k * kLanes);
+      cell_in[k] = load(in.cell + k * kLanes);
     }
-    // Gate pre-activations, eight columns at a time held in registers.
+    // Gate pre-activations, eight columns at a time held in registers, starting from the
+    // loss's share (inputs 4 and 5).
     Vec* g = normed;
     for (int column = 0; column < gates; column += 8) {
-      Vec a0 = splat(0), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-      for (int i = 0; i < inputs; ++i) {
-        const Vec xi = load(x[i]);
+      const float* from_loss = loss_term + column;
+      Vec a0 = splat(from_loss[0]), a1 = splat(from_loss[1]), a2 = splat(from_loss[2]),
+          a3 = splat(from_loss[3]), a4 = splat(from_loss[4]), a5 = splat(from_loss[5]),
+          a6 = splat(from_loss[6]), a7 = splat(from_loss[7]);
+      for (int i = 0; i < inputs; i = i == 3 ? kInputs : i + 1) {
+        const Vec xi = x[i];
         const float* row = w.weight + i * gates + column;
         a0 += xi * row[0]; a1 += xi * row[1]; a2 += xi * row[2]; a3 += xi * row[3];
         a4 += xi * row[4]; a5 += xi * row[5]; a6 += xi * row[6]; a7 += xi * row[7];
@@ -170,22 +266,23 @@ struct Step {
   }
 };
 
-// Per-lane sums of one parameter tensor's weight gradients.
+// Per-lane sums of one parameter tensor's bias and output-layer gradients.
 template <int H>
 struct GradSums {
-  static constexpr int gates = 4 * H, inputs = kInputs + H;
-  Vec weight[inputs][gates];
-  Vec bias[gates];
+  Vec bias[4 * H];
   Vec out_weight[H][2];
   Vec out_bias[2];
 };
 
-// Adds a block's contribution to the weight gradients, given d alpha and d beta of its lanes
-// (zero past the tensor's end).
+// A block's backward pass, given d alpha and d beta of its lanes (zero past the tensor's
+// end): adds to the per-lane sums and writes the gradient of the gate pre-activations
+// (before the layer norm), lane by lane, to column `column` of `d_gates` (a row per gate,
+// `stride` apart). The gate weights' gradient, inputs^T d_z over all elements, is then a
+// matrix product (see `backward`).
 template <int H>
 void backward_block(const Step<H>& s, const Weights& w, Vec d_alpha, Vec d_beta,
-                    GradSums<H>& sums) {
-  constexpr int gates = 4 * H, inputs = kInputs + H;
+                    GradSums<H>& sums, float* d_gates, int64_t stride) {
+  constexpr int gates = 4 * H;
   const Vec one = splat(1.0f);
   const Vec d_logit0 = d_alpha * s.alpha * (one - s.alpha);
   const Vec d_logit1 = d_beta * s.beta * (one - s.beta);
@@ -221,11 +318,8 @@ void backward_block(const Step<H>& s, const Weights& w, Vec d_alpha, Vec d_beta,
   }
   gate_mean1 *= splat(1.0f / gates);
   gate_mean2 *= splat(1.0f / gates);
-  for (int o = 0; o < gates; ++o) d_z[o] = s.rstd * (d_z[o] - gate_mean1 - s.normed[o] * gate_mean2);
-  for (int i = 0; i < inputs; ++i) {
-    const Vec xi = load(s.x[i]);
-    for (int o = 0; o < gates; ++o) sums.weight[i][o] += xi * d_z[o];
-  }
+  for (int o = 0; o < gates; ++o)
+    store(d_gates + o * stride, s.rstd * (d_z[o] - gate_mean1 - s.normed[o] * gate_mean2));
 }
 
 // The blocks of every scenario: block j of scenario s starts at element starts[j] of
@@ -244,7 +338,8 @@ struct Blocks {
 };
 
 struct Inputs {
-  const float *grad, *theta, *pre_loss, *hidden, *cell;
+  const float *grad, *theta, *hidden, *cell;
+  std::vector<float> pre_loss;  // [S, 2]: pre(loss) of each scenario
   const float *weight, *bias, *out_weight, *out_bias;
   int64_t n;
 };
@@ -256,13 +351,20 @@ Weights weights_of(const Inputs& in, int64_t k) {
           in.out_bias + k * 2};
 }
 
+// Offset of block j of scenario s in the lane-major states.
+template <int H>
+int64_t state_offset(const Blocks& blocks, int64_t s, int64_t j) {
+  return (s * blocks.size() + j) * H * kLanes;
+}
+
 template <int H>
 Block block_of(const Inputs& in, const Blocks& blocks, const std::vector<int64_t>& offsets,
                int64_t s, int64_t j) {
   const int64_t k = blocks.tensor_of[j], e = s * in.n + blocks.starts[j];
   const int count = static_cast<int>(std::min<int64_t>(kLanes, offsets[k + 1] - blocks.starts[j]));
+  const int64_t state = state_offset<H>(blocks, s, j);
   return {count, in.grad + e, in.theta + e, in.pre_loss[2 * s], in.pre_loss[2 * s + 1],
-          in.hidden + e * H, in.cell + e * H};
+          in.hidden + state, in.cell + state};
 }
 
 template <int H>
@@ -271,60 +373,84 @@ void forward(const Inputs& in, const std::vector<int64_t>& offsets, int64_t scen
   const Blocks blocks(offsets);
   at::parallel_for(0, scenarios * blocks.size(), 64, [&](int64_t begin, int64_t end) {
     Step<H> step;
+    LossTerm<H> loss_term;
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t s = job / blocks.size(), j = job % blocks.size();
+      const int64_t s = job / blocks.size(), j = job % blocks.size(), k = blocks.tensor_of[j];
       const Block block = block_of<H>(in, blocks, offsets, s, j);
-      step.run(block, weights_of<H>(in, blocks.tensor_of[j]), p);
+      const Weights w = weights_of<H>(in, k);
+      step.run(block, w, loss_term.of(block, w, s, k), p);
       const int64_t e = s * in.n + blocks.starts[j];
-      for (int l = 0; l < block.count; ++l) {
-        alpha[e + l] = step.alpha[l];
-        beta[e + l] = step.beta[l];
-        for (int k = 0; k < H; ++k) {
-          hidden_out[(e + l) * H + k] = step.hidden[k][l];
-          cell_out[(e + l) * H + k] = step.cell[k][l];
-        }
+      store_part(alpha + e, step.alpha, block.count);
+      store_part(beta + e, step.beta, block.count);
+      const int64_t state = state_offset<H>(blocks, s, j);
+      for (int k = 0; k < H; ++k) {
+        store(hidden_out + state + k * kLanes, step.hidden[k]);
+        store(cell_out + state + k * kLanes, step.cell[k]);
       }
     }
   });
 }
 
+// The gate weights' gradient, the sum over elements of inputs (x) times d pre-activations
+// (d_z), is a matrix product with the elements as the inner dimension. Each worker fills a
+// tile of consecutive blocks of one tensor (x and d_z in columns, small enough to stay in
+// cache) and adds the tile's product to its own gradient with torch's GEMM: per-lane
+// accumulators for it would not fit in registers and cost a load and a store per FMA.
 template <int H>
 void backward(const Inputs& in, const std::vector<int64_t>& offsets, int64_t scenarios, float p,
-              const float* d_alpha, const float* d_beta, float* d_weight, float* d_bias,
-              float* d_out_weight, float* d_out_bias) {
+              const float* d_alpha, const float* d_beta, torch::Tensor& d_weight,
+              float* d_bias, float* d_out_weight, float* d_out_bias) {
   constexpr int gates = 4 * H, inputs = kInputs + H;
+  constexpr int64_t kTileColumns = 1024;
   const Blocks blocks(offsets);
   const int64_t num_tensors = static_cast<int64_t>(offsets.size()) - 1;
   const int64_t jobs = scenarios * blocks.size();
-  // One set of per-lane sums per worker, added up at the end (no shared writes).
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), jobs));
   std::vector<std::vector<GradSums<H>>> partial(workers);
+  std::vector<torch::Tensor> partial_weight(workers);
   at::parallel_for(0, workers, 1, [&](int64_t first_worker, int64_t last_worker) {
     for (int64_t worker = first_worker; worker < last_worker; ++worker) {
       auto& sums = partial[worker];
       sums.resize(num_tensors);
       std::memset(static_cast<void*>(sums.data()), 0, sums.size() * sizeof(GradSums<H>));
+      auto weight_sums = torch::zeros_like(d_weight);
+      auto x_tile = torch::empty({inputs, kTileColumns}, torch::kFloat32);
+      auto d_tile = torch::empty({gates, kTileColumns}, torch::kFloat32);
+      float* x_data = x_tile.data_ptr<float>();
+      float* d_data = d_tile.data_ptr<float>();
+      int64_t tile_tensor = -1, tile_columns = 0;
+      auto flush = [&]() {
+        if (tile_columns == 0) return;
+        weight_sums[tile_tensor].addmm_(x_tile.slice(1, 0, tile_columns),
+                                        d_tile.slice(1, 0, tile_columns).t());
+        tile_columns = 0;
+      };
       Step<H> step;
+      LossTerm<H> loss_term;
       for (int64_t job = jobs * worker / workers; job < jobs * (worker + 1) / workers; ++job) {
         const int64_t s = job / blocks.size(), j = job % blocks.size(), k = blocks.tensor_of[j];
+        if (k != tile_tensor || tile_columns == kTileColumns) {
+          flush();
+          tile_tensor = k;
+        }
         const Block block = block_of<H>(in, blocks, offsets, s, j);
         const Weights w = weights_of<H>(in, k);
-        step.run(block, w, p);
+        step.run(block, w, loss_term.of(block, w, s, k), p);
+        for (int i = 0; i < inputs; ++i) store(x_data + i * kTileColumns + tile_columns, step.x[i]);
         const int64_t e = s * in.n + blocks.starts[j];
-        Vec da = splat(0), db = splat(0);
-        for (int l = 0; l < block.count; ++l) {
-          da[l] = d_alpha[e + l];
-          db[l] = d_beta[e + l];
-        }
-        backward_block<H>(step, w, da, db, sums[k]);
+        backward_block<H>(step, w, load_part(d_alpha + e, block.count),
+                          load_part(d_beta + e, block.count), sums[k], d_data + tile_columns,
+                          kTileColumns);
+        tile_columns += kLanes;
       }
+      flush();
+      partial_weight[worker] = weight_sums;
     }
   });
+  for (const auto& weight_sums : partial_weight) d_weight.add_(weight_sums);
   for (int64_t k = 0; k < num_tensors; ++k) {
     for (const auto& sums_of_worker : partial) {
       const GradSums<H>& sums = sums_of_worker[k];
-      for (int i = 0; i < inputs; ++i)
-        for (int o = 0; o < gates; ++o) d_weight[(k * inputs + i) * gates + o] += lane_sum(sums.weight[i][o]);
       for (int o = 0; o < gates; ++o) d_bias[k * gates + o] += lane_sum(sums.bias[o]);
       for (int h = 0; h < H; ++h)
         for (int c = 0; c < 2; ++c) d_out_weight[(k * H + h) * 2 + c] += lane_sum(sums.out_weight[h][c]);
@@ -334,7 +460,7 @@ void backward(const Inputs& in, const std::vector<int64_t>& offsets, int64_t sce
 }
 
 void check(const std::vector<torch::Tensor>& tensors, const std::vector<int64_t>& offsets,
-           const torch::Tensor& grad, const torch::Tensor& weight) {
+           const torch::Tensor& grad, const torch::Tensor& hidden, const torch::Tensor& weight) {
   for (const auto& tensor : tensors) {
     TORCH_CHECK(tensor.device().is_cpu() && tensor.scalar_type() == torch::kFloat32 &&
                     tensor.is_contiguous(),
@@ -343,17 +469,30 @@ void check(const std::vector<torch::Tensor>& tensors, const std::vector<int64_t>
   TORCH_CHECK(offsets.size() == static_cast<size_t>(weight.size(0)) + 1 &&
                   offsets.front() == 0 && offsets.back() == grad.size(1),
               "fused update cell: offsets do not match the parameter tensors");
+  TORCH_CHECK(hidden.dim() == 4 && hidden.size(0) == grad.size(0) &&
+                  hidden.size(1) == Blocks(offsets).size() && hidden.size(3) == kLanes,
+              "fused update cell: states must be [scenarios, blocks, H, lanes]");
 }
 
 Inputs inputs_of(const torch::Tensor& grad, const torch::Tensor& theta,
-                 const torch::Tensor& pre_loss, const torch::Tensor& hidden,
+                 const torch::Tensor& loss, const torch::Tensor& hidden,
                  const torch::Tensor& cell, const torch::Tensor& weight,
                  const torch::Tensor& bias, const torch::Tensor& out_weight,
-                 const torch::Tensor& out_bias) {
-  return {grad.data_ptr<float>(),     theta.data_ptr<float>(), pre_loss.data_ptr<float>(),
-          hidden.data_ptr<float>(),   cell.data_ptr<float>(),  weight.data_ptr<float>(),
-          bias.data_ptr<float>(),     out_weight.data_ptr<float>(),
-          out_bias.data_ptr<float>(), grad.size(1)};
+                 const torch::Tensor& out_bias, double p) {
+  TORCH_CHECK(loss.dim() == 1 && loss.size(0) == grad.size(0),
+              "fused update cell: one loss per scenario");
+  Inputs in{grad.data_ptr<float>(),      theta.data_ptr<float>(), hidden.data_ptr<float>(),
+            cell.data_ptr<float>(),      {},                      weight.data_ptr<float>(),
+            bias.data_ptr<float>(),      out_weight.data_ptr<float>(),
+            out_bias.data_ptr<float>(), grad.size(1)};
+  const float* losses = loss.data_ptr<float>();
+  for (int64_t s = 0; s < loss.size(0); ++s) {
+    float log_part, sign_part;
+    preprocess_scalar(losses[s], static_cast<float>(p), log_part, sign_part);
+    in.pre_loss.push_back(log_part);
+    in.pre_loss.push_back(sign_part);
+  }
+  return in;
 }
 
 // Calls fn<H>() for the built hidden sizes.
@@ -369,48 +508,57 @@ void dispatch_hidden(int64_t hidden_size, Fn&& fn) {
 
 }  // namespace
 
-// grad, theta [S, n]; pre_loss [S, 2]; hidden, cell [S, n, H]; weight [K, 6 + H, 4H];
-// bias [K, 4H]; out_weight [K, H, 2]; out_bias [K, 2]; offsets: the K + 1 tensor bounds.
-// Returns alpha, beta [S, n] and the new hidden, cell [S, n, H].
+// grad, theta [S, n]; loss [S]; hidden, cell [S, B, H, lanes] (B blocks: each tensor's
+// elements in runs of `lanes`); weight [K, 6 + H, 4H]; bias [K, 4H]; out_weight [K, H, 2];
+// out_bias [K, 2]; offsets: the K + 1 tensor bounds. Writes the new states into hidden_out,
+// cell_out (of the states' shape; they may be hidden and cell themselves: a block reads its
+// states before it writes them) and returns alpha, beta [S, n].
 std::vector<torch::Tensor> update_gates(torch::Tensor grad, torch::Tensor theta,
-                                        torch::Tensor pre_loss, torch::Tensor hidden,
+                                        torch::Tensor loss, torch::Tensor hidden,
                                         torch::Tensor cell, torch::Tensor weight,
                                         torch::Tensor bias, torch::Tensor out_weight,
                                         torch::Tensor out_bias, std::vector<int64_t> offsets,
-                                        double p) {
-  check({grad, theta, pre_loss, hidden, cell, weight, bias, out_weight, out_bias}, offsets, grad,
-        weight);
+                                        double p, torch::Tensor hidden_out,
+                                        torch::Tensor cell_out) {
+  check({grad, theta, loss, hidden, cell, weight, bias, out_weight, out_bias, hidden_out,
+         cell_out},
+        offsets, grad, hidden, weight);
+  TORCH_CHECK(hidden_out.sizes() == hidden.sizes() && cell_out.sizes() == hidden.sizes() &&
+                  cell.sizes() == hidden.sizes(),
+              "fused update cell: the states and their outputs must have one shape");
   auto alpha = torch::empty_like(grad), beta = torch::empty_like(grad);
-  auto hidden_out = torch::empty_like(hidden), cell_out = torch::empty_like(cell);
-  const Inputs in = inputs_of(grad, theta, pre_loss, hidden, cell, weight, bias, out_weight, out_bias);
+  const Inputs in =
+      inputs_of(grad, theta, loss, hidden, cell, weight, bias, out_weight, out_bias, p);
   dispatch_hidden(hidden.size(2), [&]<int H>() {
     forward<H>(in, offsets, grad.size(0), static_cast<float>(p), alpha.data_ptr<float>(),
                beta.data_ptr<float>(), hidden_out.data_ptr<float>(), cell_out.data_ptr<float>());
   });
-  return {alpha, beta, hidden_out, cell_out};
+  return {alpha, beta};
 }
 
 // The same inputs and d alpha, d beta [S, n]; returns the gradients of weight, bias,
 // out_weight and out_bias.
 std::vector<torch::Tensor> update_gates_backward(
-    torch::Tensor grad, torch::Tensor theta, torch::Tensor pre_loss, torch::Tensor hidden,
+    torch::Tensor grad, torch::Tensor theta, torch::Tensor loss, torch::Tensor hidden,
     torch::Tensor cell, torch::Tensor weight, torch::Tensor bias, torch::Tensor out_weight,
     torch::Tensor out_bias, std::vector<int64_t> offsets, double p, torch::Tensor d_alpha,
     torch::Tensor d_beta) {
-  check({grad, theta, pre_loss, hidden, cell, weight, bias, out_weight, out_bias, d_alpha, d_beta},
-        offsets, grad, weight);
+  check({grad, theta, loss, hidden, cell, weight, bias, out_weight, out_bias, d_alpha, d_beta},
+        offsets, grad, hidden, weight);
   auto d_weight = torch::zeros_like(weight), d_bias = torch::zeros_like(bias);
   auto d_out_weight = torch::zeros_like(out_weight), d_out_bias = torch::zeros_like(out_bias);
-  const Inputs in = inputs_of(grad, theta, pre_loss, hidden, cell, weight, bias, out_weight, out_bias);
+  const Inputs in =
+      inputs_of(grad, theta, loss, hidden, cell, weight, bias, out_weight, out_bias, p);
   dispatch_hidden(hidden.size(2), [&]<int H>() {
     backward<H>(in, offsets, grad.size(0), static_cast<float>(p), d_alpha.data_ptr<float>(),
-                d_beta.data_ptr<float>(), d_weight.data_ptr<float>(), d_bias.data_ptr<float>(),
+                d_beta.data_ptr<float>(), d_weight, d_bias.data_ptr<float>(),
                 d_out_weight.data_ptr<float>(), d_out_bias.data_ptr<float>());
   });
   return {d_weight, d_bias, d_out_weight, d_out_bias};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.attr("lanes") = kLanes;
   module.def("update_gates", &update_gates, "fused update-controller step");
   module.def("update_gates_backward", &update_gates_backward,
              "gradients of the update controller's weights through one fused step");
