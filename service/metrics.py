@@ -54,6 +54,18 @@ class ServiceMetrics:
             "Adapted recommender cache misses (built from the store)",
             registry=self.registry,
         )
+        self.store_events_live = Gauge(
+            "s2meta_store_events_live",
+            "1 while the store's event subscription is live (revisions read since are trusted "
+            "until announced otherwise), else 0",
+            registry=self.registry,
+        )
+        self.revision_reads = Counter(
+            "s2meta_store_revision_reads",
+            "Recommendations that asked the store for the scenario's current revision (the "
+            "others knew it from the store's announcements)",
+            registry=self.registry,
+        )
         self.store_fallbacks = Counter(
             "s2meta_store_fallbacks",
             "Recommendations served from the in-process cache while the store was unreachable",

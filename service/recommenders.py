@@ -171,6 +171,49 @@ def build_index(vectors: np.ndarray, factory: str, min_pool: int, device: torch.
     return index
 
 
+class RevisionWatch:
+    """Which scenarios' current revisions this replica knows without asking the store.
+
+    Only while the store's event subscription is live: a revision read after it went live
+    stays current until the store announces a write or delete of that scenario (the store
+    announces each in the same atomic step as the write). A read that an announcement
+    overtook is not recorded. While the subscription is down nothing is known, and every
+    request asks the store. Used from the event loop only.
+    """
+
+    def __init__(self) -> None:
+        self._epoch = 0  # changes whenever the subscription goes live or is lost
+        self._live = False
+        self._announcements: dict[str, int] = {}  # per scenario, in this epoch
+        self._known: dict[str, int] = {}
+
+    def went_live(self) -> None:
+        self._epoch += 1
+        self._live = True
+        self._announcements.clear()
+        self._known.clear()
+
+    def lost(self) -> None:
+        self._epoch += 1
+        self._live = False
+        self._known.clear()
+
+    def announced(self, scenario_id: str) -> None:
+        self._announcements[scenario_id] = self._announcements.get(scenario_id, 0) + 1
+        self._known.pop(scenario_id, None)
+
+    def before_read(self, scenario_id: str) -> tuple[int, int]:
+        """A ticket to pass to `read` with the revision then read from the store."""
+        return self._epoch, self._announcements.get(scenario_id, 0)
+
+    def read(self, scenario_id: str, ticket: tuple[int, int], revision: int) -> None:
+        if self._live and ticket == self.before_read(scenario_id):
+            self._known[scenario_id] = revision
+
+    def current(self, scenario_id: str) -> int | None:
+        return self._known.get(scenario_id) if self._live else None
+
+
 class RecommenderCache:
     """Adapted recommenders by (scenario, revision), least recently used dropped first.
     A new revision is a new key, so a replica never serves a stale one once it has read the

@@ -12,13 +12,21 @@ from model.artifact import PUBLISHED_EVENT
 from service.adaptation import AdaptationInputError, Registration, adapt_registration, registration
 from service.learners import LoadedVersion, MetaLearners
 from service.metrics import ServiceMetrics
-from service.recommenders import AdaptedRecommender, Ranked, RecommenderCache
+from service.recommenders import AdaptedRecommender, Ranked, RecommenderCache, RevisionWatch
 from service.settings import Settings
-from service.store import ScenarioState, ScenarioStore, StoredScenario, StoreError
+from service.store import (
+    SCENARIO_EVENT,
+    SUBSCRIBED_EVENT,
+    ScenarioState,
+    ScenarioStore,
+    StoredScenario,
+    StoreError,
+)
 
 logger = logging.getLogger(__name__)
 
 LIST_PAGE = 500
+EVENTS_RETRY_S = 5.0  # the most a lost event subscription waits before subscribing again
 
 
 class ScenarioNotFoundError(LookupError):
@@ -46,6 +54,7 @@ class ScenarioService:
         self.learners = learners
         self.metrics = metrics
         self.cache = RecommenderCache(settings.cache_scenarios)
+        self.revisions = RevisionWatch()
         # Adaptations get their own bounded pool; recommends run in the loop's default pool,
         # so they never wait behind an adaptation.
         self._adapt_pool = ThreadPoolExecutor(settings.adapt_workers, thread_name_prefix="adapt")
@@ -86,6 +95,8 @@ class ScenarioService:
 
         state = await self._run_adaptation(run, trigger="request")
         revision = await self.store.put(scenario_id, state)
+        # Our own write is known at once, without waiting for its announcement to come back.
+        self.revisions.announced(scenario_id)
         if revision is None:  # an unconditional write always takes a revision
             raise StoreError(f"scenario {scenario_id!r}: the store took no revision")
         return {"scenario": scenario_id, "revision": revision, **state.meta}
@@ -135,6 +146,16 @@ class ScenarioService:
         }
 
     async def _recommender(self, scenario_id: str) -> AdaptedRecommender:
+        # While the store's announcements are heard, a revision read before is current
+        # until announced otherwise: no round trip to the store.
+        known = self.revisions.current(scenario_id)
+        if known is not None:
+            cached = self.cache.get(scenario_id, known)
+            if cached is not None:
+                self.metrics.cache_hits.inc()
+                return cached
+        ticket = self.revisions.before_read(scenario_id)
+        self.metrics.revision_reads.inc()
         try:
             revision = await self.store.revision(scenario_id)
         except StoreError:
@@ -147,6 +168,7 @@ class ScenarioService:
             return held
         if revision is None:
             raise ScenarioNotFoundError(scenario_id)
+        self.revisions.read(scenario_id, ticket, revision)
         cached = self.cache.get(scenario_id, revision)
         if cached is not None:
             self.metrics.cache_hits.inc()
@@ -188,6 +210,7 @@ class ScenarioService:
     async def delete(self, scenario_id: str) -> None:
         if not await self.store.delete(scenario_id):
             raise ScenarioNotFoundError(scenario_id)
+        self.revisions.announced(scenario_id)
         self.cache.drop(scenario_id)
 
     async def readiness(self) -> str | None:
@@ -252,11 +275,24 @@ class ScenarioService:
         while True:
             try:
                 async for event in self.store.events():
-                    if event.get("type") == PUBLISHED_EVENT:
+                    kind = event.get("type")
+                    if kind == SUBSCRIBED_EVENT:
+                        self.revisions.went_live()
+                        self.metrics.store_events_live.set(1)
+                    elif kind == SCENARIO_EVENT:
+                        self.revisions.announced(str(event["scenario"]))
+                    elif kind == PUBLISHED_EVENT:
                         self._wake.set()
             except StoreError as error:
-                logger.warning("event subscription lost, polling only until it is back: %s", error)
-            await asyncio.sleep(self.settings.reload_poll_s)
+                logger.warning(
+                    "event subscription lost: polling the registry and reading every "
+                    "scenario's revision from the store until it is back: %s",
+                    error,
+                )
+            finally:
+                self.revisions.lost()
+                self.metrics.store_events_live.set(0)
+            await asyncio.sleep(min(self.settings.reload_poll_s, EVENTS_RETRY_S))
 
     async def _all_meta(self) -> AsyncIterator[dict[str, object]]:
         after = None
@@ -332,6 +368,7 @@ class ScenarioService:
             )
             return
         revision = await self.store.put(scenario_id, state, expected_revision=stored.revision)
+        self.revisions.announced(scenario_id)
         if revision is None:
             logger.info("scenario %s changed during its re-adaptation; kept the newer", scenario_id)
         else:

@@ -7,6 +7,12 @@ the adapted parameters (safetensors bytes), the candidates and interactions as r
 record and assigns the next revision in one atomic step (a Lua script in Redis), so a reader
 sees the old record or the new one, never a mix. Revisions only grow, also across a delete,
 so a (scenario, revision) pair names one record forever (the service caches by it).
+
+Every write and delete also announces itself on the events channel, in the same atomic step
+({"type": "scenario", "scenario": id}), and a subscription starts with a {"type":
+"subscribed"} event once it is live: a replica that hears both knows, without asking the
+store, that a revision it read after subscribing is still current until an announcement for
+that scenario arrives. A subscription that loses its connection ends with StoreError.
 """
 
 import asyncio
@@ -23,6 +29,8 @@ from redis.exceptions import RedisError
 from model.artifact import events_channel
 
 SCHEMA = "1"  # the stored record's layout; bumped when it changes
+SUBSCRIBED_EVENT = "subscribed"  # first event of a subscription, once it is live
+SCENARIO_EVENT = "scenario"  # a scenario was written or deleted
 
 
 class StoreError(Exception):
@@ -77,7 +85,8 @@ class ScenarioStore(Protocol):
     async def publish(self, event: dict[str, object]) -> None: ...
 
     def events(self) -> AsyncIterator[dict[str, object]]:
-        """Events published by any replica (this one included), as they come."""
+        """Events published by any replica (this one included) and every scenario write or
+        delete, as they come, after a first SUBSCRIBED_EVENT once the subscription is live."""
         ...
 
     async def close(self) -> None: ...
@@ -112,7 +121,12 @@ class MemoryStore:
         revision = self._revisions.get(scenario_id, 0) + 1
         self._revisions[scenario_id] = revision
         self._records[scenario_id] = StoredScenario(revision, copy.deepcopy(state))
+        self._announce(scenario_id)
         return revision
+
+    def _announce(self, scenario_id: str) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait({"type": SCENARIO_EVENT, "scenario": scenario_id})
 
     async def revision(self, scenario_id: str) -> int | None:
         record = self._records.get(scenario_id)
@@ -131,7 +145,10 @@ class MemoryStore:
         return [_with_ids(i, self._records[i].revision, self._records[i].state.meta) for i in ids]
 
     async def delete(self, scenario_id: str) -> bool:
-        return self._records.pop(scenario_id, None) is not None
+        existed = self._records.pop(scenario_id, None) is not None
+        if existed:
+            self._announce(scenario_id)
+        return existed
 
     async def acquire_lock(self, name: str, ttl_s: int) -> str | None:
         now = asyncio.get_running_loop().time()
@@ -154,6 +171,7 @@ class MemoryStore:
         queue: asyncio.Queue[dict[str, object]] = asyncio.Queue()
         self._subscribers.append(queue)
         try:
+            yield {"type": SUBSCRIBED_EVENT}
             while True:
                 yield await queue.get()
         finally:
@@ -164,19 +182,25 @@ class MemoryStore:
 
 
 # KEYS: record hash, revision counter, index; ARGV: expected revision ("" for any), scenario
-# id, then the record's field/value pairs. Returns the new revision, or -1 on a mismatch.
+# id, events channel, then the record's field/value pairs. Returns the new revision, or -1 on
+# a mismatch. The announcement is part of the atomic step.
 _PUT = """
 local current = redis.call('HGET', KEYS[1], 'revision') or '0'
 if ARGV[1] ~= '' and current ~= ARGV[1] then return -1 end
 local revision = redis.call('INCR', KEYS[2])
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'revision', revision, unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], 'revision', revision, unpack(ARGV, 4))
 redis.call('ZADD', KEYS[3], 0, ARGV[2])
+redis.call('PUBLISH', ARGV[3], cjson.encode({type = 'scenario', scenario = ARGV[2]}))
 return revision
 """
+# KEYS: record hash, index; ARGV: scenario id, events channel.
 _DELETE = """
 local existed = redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
+if existed == 1 then
+  redis.call('PUBLISH', ARGV[2], cjson.encode({type = 'scenario', scenario = ARGV[1]}))
+end
 return existed
 """
 _RELEASE = """
@@ -238,7 +262,9 @@ class RedisStore:
         expected = "" if expected_revision is None else str(expected_revision)
         keys = [self._record_key(scenario_id), self._revision_key(scenario_id), self._index_key]
         try:
-            revision = await self._put(keys=keys, args=[expected, scenario_id, *fields])
+            revision = await self._put(
+                keys=keys, args=[expected, scenario_id, self._channel, *fields]
+            )
         except RedisError as error:
             raise StoreError(f"redis: {error}") from error
         return None if int(revision) < 0 else int(revision)
@@ -301,7 +327,8 @@ class RedisStore:
     async def delete(self, scenario_id: str) -> bool:
         try:
             existed = await self._delete(
-                keys=[self._record_key(scenario_id), self._index_key], args=[scenario_id]
+                keys=[self._record_key(scenario_id), self._index_key],
+                args=[scenario_id, self._channel],
             )
         except RedisError as error:
             raise StoreError(f"redis: {error}") from error
@@ -328,9 +355,14 @@ class RedisStore:
             raise StoreError(f"redis: {error}") from error
 
     async def events(self) -> AsyncIterator[dict[str, object]]:
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self._redis.pubsub()
         try:
             await pubsub.subscribe(self._channel)
+            # Live once Redis confirms: every write it runs after that is announced here.
+            confirmed = None
+            while confirmed is None or confirmed["type"] != "subscribe":
+                confirmed = await pubsub.get_message(timeout=1.0)
+            yield {"type": SUBSCRIBED_EVENT}
             while True:
                 # Short reads, so the connection's socket timeout never fires while idle.
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)

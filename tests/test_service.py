@@ -3,10 +3,13 @@ code, the scenario routes, and every error the API promises; against the in-proc
 and a real Redis."""
 
 import asyncio
+import re
 import threading
+import time
 
 import numpy as np
 import pytest
+import redis
 import torch
 from conftest import REDIS_URL, running
 
@@ -304,8 +307,12 @@ async def test_two_replicas_share_scenarios_through_redis(registry, lastfm_scena
             f"/scenarios/{scenario.scenario_id}/adapt", json=scenario.body(variant="mapping")
         )
         assert again.json()["revision"] == 2
-        served = (await second.get("/recommend", params=params)).json()
-        assert served["revision"] == 2  # picked up without a restart
+        # Picked up without a restart, as soon as the store's announcement arrives.
+        deadline = time.monotonic() + 2
+        while (served := (await second.get("/recommend", params=params)).json())["revision"] < 2:
+            assert time.monotonic() < deadline, served
+            await asyncio.sleep(0.01)
+        assert served["revision"] == 2
         metrics = (await second.get("/metrics")).text
         assert "s2meta_recommender_cache_misses_total 2.0" in metrics
 
@@ -323,3 +330,45 @@ async def test_openapi_documents_every_route(registry):
         "/metrics",
     } <= set(paths)
     assert "429" in paths["/scenarios/{scenario_id}/adapt"]["post"]["responses"]
+
+
+def metric(text: str, name: str) -> float:
+    found = re.search(rf"^{name} (\S+)$", text, re.M)
+    assert found is not None, name
+    return float(found.group(1))
+
+
+async def test_recommend_asks_the_store_only_after_an_announcement(
+    registry, lastfm_scenario, namespace
+):
+    """While a replica hears the store's announcements it serves a revision it has read
+    without asking the store again; another replica's write reaches it through them."""
+    scenario = lastfm_scenario
+    settings = settings_for(registry, "redis", namespace, reload_poll_s=60)
+    params = {"user": scenario.eval_user, "scenario": scenario.scenario_id}
+    redis_client = redis.Redis.from_url(REDIS_URL)
+
+    def revision_reads_in_redis() -> int:  # the store's revision read is its only HGET
+        return int(redis_client.info("commandstats").get("cmdstat_hget", {}).get("calls", 0))
+
+    async with running(settings) as (_, first), running(settings) as (_, second):
+        deadline = time.monotonic() + 10
+        while metric((await second.get("/metrics")).text, "s2meta_store_events_live") != 1:
+            assert time.monotonic() < deadline, "the subscription did not go live"
+            await asyncio.sleep(0.05)
+        await first.post(f"/scenarios/{scenario.scenario_id}/adapt", json=scenario.body())
+        for _ in range(2):  # the first read, and one more if the announcement overtook it
+            assert (await second.get("/recommend", params=params)).json()["revision"] == 1
+        before = revision_reads_in_redis()
+        for _ in range(20):
+            assert (await second.get("/recommend", params=params)).json()["revision"] == 1
+        assert revision_reads_in_redis() == before
+        reads = metric((await second.get("/metrics")).text, "s2meta_store_revision_reads_total")
+        assert 1 <= reads <= 2
+
+        await first.post(f"/scenarios/{scenario.scenario_id}/adapt", json=scenario.body())
+        deadline = time.monotonic() + 2
+        while (await second.get("/recommend", params=params)).json()["revision"] != 2:
+            assert time.monotonic() < deadline, "the announcement did not arrive"
+            await asyncio.sleep(0.01)
+    redis_client.close()

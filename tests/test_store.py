@@ -7,9 +7,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from uuid import uuid4
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from service.store import (
+    SCENARIO_EVENT,
+    SUBSCRIBED_EVENT,
     MemoryStore,
     RedisStore,
     ScenarioState,
@@ -291,6 +294,25 @@ async def _collect(store: ScenarioStore, count: int, into: list[dict[str, object
             return
 
 
+async def test_a_subscription_says_when_it_is_live_and_hears_every_write_and_delete(store):
+    """What lets a replica trust a revision it read without asking again: the first event
+    says the subscription is live, then every put (conditional ones that wrote included) and
+    every delete of an existing scenario is announced, by any writer."""
+    events = store.events()
+    try:
+        assert await asyncio.wait_for(anext(events), timeout=5.0) == {"type": SUBSCRIBED_EVENT}
+        await store.put("s1", _state(1))
+        assert await store.put("s1", _state(2), expected_revision=7) is None  # wrote nothing
+        await store.put("s1", _state(3), expected_revision=1)
+        assert await store.delete("s1")
+        assert not await store.delete("s1")  # nothing to delete: no announcement
+        await store.put("s2", _state(4))
+        heard = [await asyncio.wait_for(anext(events), timeout=5.0) for _ in range(4)]
+    finally:
+        await events.aclose()
+    assert heard == [{"type": SCENARIO_EVENT, "scenario": name} for name in ("s1",) * 3 + ("s2",)]
+
+
 async def test_events_reach_subscribers(store):
     events = [
         {"type": "updated", "scenario": "s1", "revision": 1},
@@ -299,9 +321,10 @@ async def test_events_reach_subscribers(store):
     ]
     first: list[dict[str, object]] = []
     second: list[dict[str, object]] = []
+    # Each subscription's first event says it is live.
     tasks = [
-        asyncio.create_task(_collect(store, len(events), first)),
-        asyncio.create_task(_collect(store, len(events), second)),
+        asyncio.create_task(_collect(store, len(events) + 1, first)),
+        asyncio.create_task(_collect(store, len(events) + 1, second)),
     ]
     try:
         await asyncio.sleep(0.3)  # let the subscriptions be established
@@ -312,8 +335,8 @@ async def test_events_reach_subscribers(store):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    assert first == events
-    assert second == events
+    assert first == [{"type": SUBSCRIBED_EVENT}, *events]
+    assert second == [{"type": SUBSCRIBED_EVENT}, *events]
 
 
 async def test_concurrent_puts_are_atomic(store):
@@ -440,8 +463,9 @@ async def test_redis_stores_share_state_and_events(redis_namespace):
     one = RedisStore(REDIS_URL, redis_namespace, timeout_s=2.0)
     two = RedisStore(REDIS_URL, redis_namespace, timeout_s=2.0)
     received: list[dict[str, object]] = []
-    task = asyncio.create_task(_collect(two, 1, received))
+    task = asyncio.create_task(_collect(two, 4, received))
     try:
+        await asyncio.sleep(0.3)  # let the subscription be established
         assert await one.put("s1", _state(1)) == 1
         assert await two.put("s1", _state(2), expected_revision=1) == 2
         stored = await one.get("s1")
@@ -456,12 +480,39 @@ async def test_redis_stores_share_state_and_events(redis_namespace):
         await asyncio.sleep(0.3)
         await one.publish({"type": "updated", "scenario": "s1", "revision": 2})
         await asyncio.wait_for(task, timeout=5.0)
-        assert received == [{"type": "updated", "scenario": "s1", "revision": 2}]
+        assert received == [
+            {"type": SUBSCRIBED_EVENT},
+            {"type": SCENARIO_EVENT, "scenario": "s1"},  # one's write
+            {"type": SCENARIO_EVENT, "scenario": "s1"},  # two's own write
+            {"type": "updated", "scenario": "s1", "revision": 2},
+        ]
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await one.close()
         await two.close()
+
+
+async def test_a_dropped_redis_subscription_ends_with_a_store_error(redis_namespace):
+    """A subscription whose connection drops does not quietly resume (announcements made
+    meanwhile would be lost): it ends with a StoreError, and a new one starts over."""
+    store = RedisStore(REDIS_URL, redis_namespace, timeout_s=2.0)
+    admin = redis.Redis.from_url(REDIS_URL)
+    events = store.events()
+    try:
+        assert await asyncio.wait_for(anext(events), timeout=5.0) == {"type": SUBSCRIBED_EVENT}
+        admin.client_kill_filter(_type="pubsub")
+        with pytest.raises(StoreError):
+            await asyncio.wait_for(anext(events), timeout=15.0)
+        again = store.events()
+        try:
+            assert await asyncio.wait_for(anext(again), timeout=5.0) == {"type": SUBSCRIBED_EVENT}
+        finally:
+            await again.aclose()
+    finally:
+        await events.aclose()
+        await store.close()
+        admin.close()
 
 
 async def test_redis_namespaces_are_isolated(redis_namespace):
