@@ -11,7 +11,8 @@ uvicorn with the same settings. The load generator is a separate process on loop
 random (evaluation user, scenario) pair. Reported per target and level: requests/s and
 p50/p95/p99 latency in ms; the service's throughput as a share of the bare endpoint's (the
 ratio is what carries over between machines, these ones being noisy); recommend p99 with
-adaptations posted during the load against without.
+adaptations posted during the load against without; and the top level again with dynamic
+batching of recommends off (S2META_RECOMMEND_BATCH_MAX=1) against on.
 
 Prints a table and writes benchmarks/results/serving_load.json. Not part of the test run.
 Run: python -m benchmarks.serving_load [--seconds 10] [--levels 1,8,32]
@@ -127,6 +128,7 @@ def print_table(figures: dict) -> None:
     for level, share in figures["service_share_of_bare"].items():
         print(f"service throughput / bare at concurrency {level}: {share:.1%}")
     print(f"recommend p99 with adaptations / without: {figures['p99_ratio_under_adaptation']:.2f}")
+    print(f"throughput with dynamic batching / without: {figures['batching_throughput_gain']:.2f}")
 
 
 def main() -> int:
@@ -202,6 +204,11 @@ def main() -> int:
             stop.set()
             poster.join()
             runs.append({"target": "service + adaptations", "concurrency": top, **figures})
+            # The same service with dynamic batching off: each recommend ranked alone.
+            stack.stop_api()
+            stack.start_api({"S2META_RECOMMEND_BATCH_MAX": "1"})
+            figures = run_generator(stack.base_url, pairs_path, top, args.seconds)
+            runs.append({"target": "service, batching off", "concurrency": top, **figures})
         finally:
             if bare is not None:
                 stop_process(bare)
@@ -223,6 +230,8 @@ def main() -> int:
         "adapt_ms_median": percentile(adapt_ms, 50),
         "p99_ratio_under_adaptation": by[("service + adaptations", top)]["ms"]["p99"]
         / by[("service", top)]["ms"]["p99"],
+        "batching_throughput_gain": by[("service", top)]["requests_per_s"]
+        / by[("service, batching off", top)]["requests_per_s"],
     }
     print_table(report)
     write_report("serving_load", report)

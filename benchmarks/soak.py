@@ -191,13 +191,16 @@ class Stack:
         self.redis = None
         return code
 
-    def start_api(self) -> None:
+    def start_api(self, settings: dict[str, str] | None = None) -> None:
+        """`s2meta serve` over this stack's registry and Redis; `settings`: more S2META_*
+        variables."""
         env = {
             **os.environ,
             "S2META_REGISTRY": str(self.registry),
             "S2META_REDIS_URL": self.redis_url,
             "S2META_PORT": str(self.api_port),
             "S2META_ADMIN_TOKEN": self.admin_token,
+            **(settings or {}),
         }
         self.api = subprocess.Popen(
             [S2META, "serve"], env=env, stdout=self.api_log.open("w"), stderr=subprocess.STDOUT

@@ -71,6 +71,12 @@ class ServiceMetrics:
             "Recommendations served from the in-process cache while the store was unreachable",
             registry=self.registry,
         )
+        self.recommend_batch_size = Histogram(
+            "s2meta_recommend_batch_size",
+            "Recommends ranked together in one batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
         self.popular_fallbacks = Counter(
             "s2meta_popular_fallbacks",
             "Recommendations served from scenario popularity (user without an embedding)",

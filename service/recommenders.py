@@ -27,7 +27,14 @@ from service.store import StoredScenario
 
 logger = logging.getLogger(__name__)
 
-SCORE_CHUNK = 65_536  # pool items per forward (bounds memory on million-item pools)
+SCORE_CHUNK = 65_536  # (user, item) pairs per forward (bounds memory on large pools)
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    user: str
+    n: int
+    exclude_seen: bool
 
 
 @dataclass(frozen=True)
@@ -85,37 +92,60 @@ class AdaptedRecommender:
                 vectors.float().cpu().numpy(), faiss_index, faiss_min_pool, device
             )
 
-    def recommend(self, user: str, n: int, exclude_seen: bool) -> Ranked:
-        excluded = set(self.seen.get(user, ())) if exclude_seen else set()
-        wanted = min(n + len(excluded), len(self.pool_ids))
-        if not self.loaded.has_embedding(user):
-            order = list(itertools.islice((k for k in self.popular_order if k not in excluded), n))
-            return Ranked(
-                "popular", [(self.pool_ids[k], float(self.popular_counts[k])) for k in order]
-            )
-        user_embedding = self.loaded.tables.user[self.loaded.user_rows[user]][None, :]
+    def recommend(self, requests: list[RankRequest]) -> list[Ranked]:
+        """Top-n for each request: the users with an embedding ranked together (one forward
+        over the pool, or one FAISS search, for all of them), the others by the scenario's
+        popularity."""
+        ranked: list[Ranked] = [self._popular(request) for request in requests]
+        has_embedding = self.loaded.has_embedding
+        embedded = [k for k, request in enumerate(requests) if has_embedding(request.user)]
+        if not embedded:
+            return ranked
+        excluded = [self._excluded(requests[k]) for k in embedded]
+        wanted = min(
+            max(requests[k].n + len(skip) for k, skip in zip(embedded, excluded, strict=True)),
+            len(self.pool_ids),
+        )
+        rows = [self.loaded.user_rows[requests[k].user] for k in embedded]
+        users = self.loaded.tables.user[torch.as_tensor(rows, device=self.pool_embeddings.device)]
         with torch.no_grad():
             if self.index is not None:
-                query = user_vector(self.spec, self.params, user_embedding)
-                scores, positions = self.index.search(query.float().cpu().numpy(), wanted)
-                ranked = zip(positions[0].tolist(), scores[0].tolist(), strict=True)
+                queries = user_vector(self.spec, self.params, users).float().cpu().numpy()
+                scores, positions = self.index.search(queries, wanted)
+                scores, positions = scores.tolist(), positions.tolist()
             else:
-                scores = self._score_pool(user_embedding)
-                top = torch.topk(scores, wanted)
-                ranked = zip(top.indices.tolist(), top.values.tolist(), strict=True)
-        items = [(self.pool_ids[k], s) for k, s in ranked if k >= 0 and k not in excluded]
-        return Ranked("adapted", items[:n])
+                top = torch.topk(self._score_pool(users), wanted, dim=1)
+                scores, positions = top.values.tolist(), top.indices.tolist()
+        for j, k in enumerate(embedded):
+            items = [
+                (self.pool_ids[p], s)
+                for p, s in zip(positions[j], scores[j], strict=True)
+                if p >= 0 and p not in excluded[j]
+            ]
+            ranked[k] = Ranked("adapted", items[: requests[k].n])
+        return ranked
 
-    def _score_pool(self, user_embedding: Tensor) -> Tensor:
+    def _excluded(self, request: RankRequest) -> set[int]:
+        return set(self.seen.get(request.user, ())) if request.exclude_seen else set()
+
+    def _popular(self, request: RankRequest) -> Ranked:
+        excluded = self._excluded(request)
+        order = itertools.islice((k for k in self.popular_order if k not in excluded), request.n)
+        return Ranked("popular", [(self.pool_ids[k], float(self.popular_counts[k])) for k in order])
+
+    def _score_pool(self, users: Tensor) -> Tensor:
+        """Scores [U, P], the pool in chunks so a forward holds about SCORE_CHUNK pairs."""
+        chunk = max(1, SCORE_CHUNK // len(users))
         return torch.cat(
             [
-                score_pool(self.spec, self.params, user_embedding, pool, pop)[0]
+                score_pool(self.spec, self.params, users, pool, pop)
                 for pool, pop in zip(
-                    torch.split(self.pool_embeddings, SCORE_CHUNK),
-                    torch.split(self.pool_pop, SCORE_CHUNK),
+                    torch.split(self.pool_embeddings, chunk),
+                    torch.split(self.pool_pop, chunk),
                     strict=True,
                 )
-            ]
+            ],
+            dim=1,
         )
 
 

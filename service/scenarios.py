@@ -10,9 +10,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 from model.artifact import PUBLISHED_EVENT
 from service.adaptation import AdaptationInputError, Registration, adapt_registration, registration
+from service.batching import RecommendBatcher
 from service.learners import LoadedVersion, MetaLearners
 from service.metrics import ServiceMetrics
-from service.recommenders import AdaptedRecommender, Ranked, RecommenderCache, RevisionWatch
+from service.recommenders import (
+    AdaptedRecommender,
+    RankRequest,
+    RecommenderCache,
+    RevisionWatch,
+)
 from service.settings import Settings
 from service.store import (
     SCENARIO_EVENT,
@@ -55,6 +61,11 @@ class ScenarioService:
         self.metrics = metrics
         self.cache = RecommenderCache(settings.cache_scenarios)
         self.revisions = RevisionWatch()
+        self.batcher = RecommendBatcher(
+            settings.recommend_batch_max,
+            settings.recommend_batches,
+            metrics.recommend_batch_size.observe,
+        )
         # Adaptations get their own bounded pool; recommends run in the loop's default pool,
         # so they never wait behind an adaptation.
         self._adapt_pool = ThreadPoolExecutor(settings.adapt_workers, thread_name_prefix="adapt")
@@ -133,7 +144,7 @@ class ScenarioService:
         self, scenario_id: str, user: str, n: int, exclude_seen: bool
     ) -> dict[str, object]:
         recommender = await self._recommender(scenario_id)
-        ranked: Ranked = await asyncio.to_thread(recommender.recommend, user, n, exclude_seen)
+        ranked = await self.batcher.rank(recommender, RankRequest(user, n, exclude_seen))
         if ranked.source == "popular":
             self.metrics.popular_fallbacks.inc()
         return {

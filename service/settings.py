@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a 429")
 
     cache_scenarios: int = Field(256, ge=1, description="adapted recommenders kept in process")
+    recommend_batch_max: int = Field(
+        64, ge=1, description="concurrent recommends ranked together, at most (1: one by one)"
+    )
+    recommend_batches: int = Field(
+        2, ge=1, description="batches of recommends ranked at once; more wait for the next"
+    )
     faiss_index: str = Field(
         "Flat", description="FAISS index factory string for the mapping variant's pools"
     )

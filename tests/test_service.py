@@ -372,3 +372,41 @@ async def test_recommend_asks_the_store_only_after_an_announcement(
             assert time.monotonic() < deadline, "the announcement did not arrive"
             await asyncio.sleep(0.01)
     redis_client.close()
+
+
+@pytest.mark.parametrize("variant", ["interaction", "mapping"])
+async def test_concurrent_recommends_ranked_together_equal_one_by_one(
+    registry, lastfm_scenario, variant
+):
+    """Dynamic batching: concurrent recommends (several users, one without an embedding,
+    different n and exclude_seen) ranked in batches give what one-by-one ranking gives."""
+    scenario = lastfm_scenario
+    support_users = sorted({i["user"] for i in scenario.interactions})[:12]
+    users = [*support_users, scenario.eval_user, "nobody"]
+    requests = [
+        {"user": user, "scenario": "s", "n": 5 + k % 7, "exclude_seen": k % 2 == 0}
+        for k, user in enumerate(users * 3)
+    ]
+    answers = {}
+    for label, batch_max in (("one_by_one", 1), ("batched", 64)):
+        settings = settings_for(
+            registry, "memory", "b", recommend_batch_max=batch_max, recommend_batches=1
+        )
+        async with running(settings) as (_, client):
+            await client.post("/scenarios/s/adapt", json=scenario.body(variant=variant))
+            responses = await asyncio.gather(
+                *(client.get("/recommend", params=params) for params in requests)
+            )
+            answers[label] = [response.json() for response in responses]
+            metrics = (await client.get("/metrics")).text
+        batches = metric(metrics, "s2meta_recommend_batch_size_count")
+        assert metric(metrics, "s2meta_recommend_batch_size_sum") == len(requests)
+        if batch_max == 1:
+            assert batches == len(requests)
+        else:
+            assert batches < len(requests) / 2  # most were ranked together
+    assert {a["source"] for a in answers["batched"]} == {"adapted", "popular"}
+    for batched, alone in zip(answers["batched"], answers["one_by_one"], strict=True):
+        assert [i["item"] for i in batched["items"]] == [i["item"] for i in alone["items"]]
+        for got, want in zip(batched["items"], alone["items"], strict=True):
+            assert got["score"] == pytest.approx(want["score"], rel=1e-4, abs=1e-5)

@@ -1,0 +1,85 @@
+"""Dynamic batching of concurrent recommends.
+
+A recommend that finds fewer than `batches` batches running starts one at once (no added
+wait when the service is not busy); otherwise it queues, and the queue goes as the next
+batch, at most `max_batch` requests, when a running batch finishes. A batch groups its
+requests by adapted recommender, and each group is ranked together: one forward over the
+pool for all its users (one FAISS search for the mapping variant) instead of one per
+request, on a worker thread.
+"""
+
+import asyncio
+from collections.abc import Callable
+
+from service.recommenders import AdaptedRecommender, Ranked, RankRequest
+
+Job = tuple[AdaptedRecommender, RankRequest, asyncio.Future[Ranked]]
+
+
+class RecommendBatcher:
+    def __init__(self, max_batch: int, batches: int, observe_size: Callable[[int], None]) -> None:
+        self.max_batch = max_batch
+        self.batches = batches
+        self._observe_size = observe_size
+        self._queue: list[Job] = []
+        self._running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def rank(self, recommender: AdaptedRecommender, request: RankRequest) -> Ranked:
+        future: asyncio.Future[Ranked] = asyncio.get_running_loop().create_future()
+        self._queue.append((recommender, request, future))
+        if self._running < self.batches:
+            self._start_batch()
+        return await future
+
+    def _start_batch(self) -> None:
+        batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+        self._running += 1
+        task = asyncio.create_task(self._run(batch))
+        self._tasks.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[Job]) -> None:
+        try:
+            # Requests whose caller went away (a cancelled future) are not ranked.
+            live = [job for job in batch if not job[2].done()]
+            self._observe_size(len(live))
+            outcomes = await asyncio.to_thread(_rank_grouped, live)
+            for (_, _, future), outcome in zip(live, outcomes, strict=True):
+                if future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+        finally:
+            # Whatever ended the batch early (the app shutting down its threads, a bug), no
+            # caller waits for ever; the error itself propagates from this task and is logged.
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(RuntimeError("the batch ended before ranking this"))
+            self._running -= 1
+            if self._queue:
+                self._start_batch()
+
+
+def _rank_grouped(jobs: list[Job]) -> list[Ranked | Exception]:
+    """Rank each recommender's requests together; outcomes in the jobs' order. A group that
+    fails gives its error to its own requests only."""
+    groups: dict[int, list[int]] = {}
+    for position, (recommender, _, _) in enumerate(jobs):
+        groups.setdefault(id(recommender), []).append(position)
+    outcomes: list[Ranked | Exception] = [RuntimeError("not ranked")] * len(jobs)
+    for positions in groups.values():
+        recommender = jobs[positions[0]][0]
+        try:
+            ranked: list[Ranked | Exception] = list(
+                recommender.recommend([jobs[k][1] for k in positions])
+            )
+        # Not swallowed: each of the group's callers raises it, and the app's error handler
+        # logs it.
+        except Exception as error:  # noqa: BLE001
+            ranked = [error] * len(positions)
+        for k, outcome in zip(positions, ranked, strict=True):
+            outcomes[k] = outcome
+    return outcomes

@@ -1,0 +1,93 @@
+"""The recommend batcher on its own: batch bounds, grouping by recommender, errors and
+callers that go away."""
+
+import asyncio
+import threading
+
+import pytest
+
+from service.batching import RecommendBatcher
+from service.recommenders import Ranked, RankRequest
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeRecommender:
+    """Ranks a user as its own name; records each call's users; can be held or fail."""
+
+    def __init__(self, name: str, fail: bool = False) -> None:
+        self.name = name
+        self.fail = fail
+        self.calls: list[list[str]] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def recommend(self, requests: list[RankRequest]) -> list[Ranked]:
+        self.release.wait(timeout=10)
+        self.calls.append([request.user for request in requests])
+        if self.fail:
+            raise RuntimeError(f"{self.name} cannot rank")
+        return [Ranked("adapted", [(f"{self.name}:{r.user}", float(r.n))]) for r in requests]
+
+
+def request(user: str) -> RankRequest:
+    return RankRequest(user, 3, True)
+
+
+async def test_requests_that_arrive_while_a_batch_runs_go_together_bounded_and_grouped():
+    sizes: list[int] = []
+    batcher = RecommendBatcher(max_batch=4, batches=1, observe_size=sizes.append)
+    first, second = FakeRecommender("a"), FakeRecommender("b")
+    first.release.clear()  # hold the first batch while the others queue
+    held = asyncio.create_task(batcher.rank(first, request("u0")))
+    await asyncio.sleep(0.05)
+    queued = [
+        asyncio.create_task(batcher.rank(first if k % 2 else second, request(f"u{k}")))
+        for k in range(1, 7)
+    ]
+    await asyncio.sleep(0.05)
+    first.release.set()
+    results = await asyncio.gather(held, *queued)
+    assert [r.items[0][0] for r in results] == [
+        f"{'a' if k % 2 or k == 0 else 'b'}:u{k}" for k in range(7)
+    ]
+    assert sizes == [1, 4, 2]  # the held one alone, then the queue in batches of at most 4
+    # Within a batch each recommender ranked its own requests together, in one call.
+    assert first.calls == [["u0"], ["u1", "u3"], ["u5"]]
+    assert second.calls == [["u2", "u4"], ["u6"]]
+
+
+async def test_an_error_reaches_the_callers_of_its_recommender_only():
+    sizes: list[int] = []
+    batcher = RecommendBatcher(max_batch=8, batches=1, observe_size=sizes.append)
+    failing, working = FakeRecommender("bad", fail=True), FakeRecommender("good")
+    failing.release.clear()
+    calls = [asyncio.create_task(batcher.rank(failing, request(f"u{k}"))) for k in range(3)]
+    await asyncio.sleep(0.05)
+    same_batch = asyncio.create_task(batcher.rank(working, request("v")))
+    failing.release.set()
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(o, RuntimeError) and "cannot rank" in str(o) for o in outcomes)
+    assert (await same_batch).items == [("good:v", 3.0)]
+    assert sizes == [1, 3]  # u0 alone; u1, u2 and v together
+    assert (await batcher.rank(working, request("w"))).items == [("good:w", 3.0)]
+
+
+async def test_a_caller_that_goes_away_is_not_ranked_and_the_others_are():
+    sizes: list[int] = []
+    batcher = RecommendBatcher(max_batch=8, batches=1, observe_size=sizes.append)
+    recommender = FakeRecommender("a")
+    recommender.release.clear()
+    held = asyncio.create_task(batcher.rank(recommender, request("u0")))
+    await asyncio.sleep(0.05)
+    gone = asyncio.create_task(batcher.rank(recommender, request("gone")))
+    kept = asyncio.create_task(batcher.rank(recommender, request("kept")))
+    await asyncio.sleep(0.05)
+    gone.cancel()
+    recommender.release.set()
+    assert (await held).items[0][0] == "a:u0"
+    assert (await kept).items[0][0] == "a:kept"
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert recommender.calls == [["u0"], ["kept"]]
+    assert sizes == [1, 1]
