@@ -275,7 +275,20 @@ def _apply_update(
 def _compiled_step_parts() -> tuple[Callable[..., Any], Callable[..., Any]]:
     """The stop decision and the update as compiled functions: at one scenario a step's
     small-tensor work is mostly per-operation overhead, which compiling fuses away."""
-    return torch.compile(_decide_stop), torch.compile(_apply_update)
+    return _compile(_decide_stop), _compile(_apply_update)
+
+
+RECOMPILE_LIMIT = 64
+
+
+def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.compile, with room for every graph a run needs: one per recommender variant,
+    autograd mode (meta-training, evaluation) and batch shape (specialised, then dynamic),
+    a dozen or more per function where dynamo's default limit of 8 sends the rest to eager."""
+    torch._dynamo.config.recompile_limit = max(
+        torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT
+    )
+    return torch.compile(fn)
 
 
 def _segment_means(values: Tensor, sizes: list[int]) -> Tensor:
@@ -323,13 +336,13 @@ def _recommender_losses(
         # scenario batch: meta-batch, validation, serving), so the layout's sizes stay
         # constants: compiled with every shape dynamic, each call evaluated symbolic guards
         # over them, a tenth of a one-scenario step.
-        return torch.compile(grad_and_loss), torch.compile(loss)
+        return _compile(grad_and_loss), _compile(loss)
     return grad_and_loss, loss
 
 
 @functools.cache
 def _compiled_update_gates() -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]:
-    return torch.compile(update_gates)
+    return _compile(update_gates)
 
 
 def triples_loss(
