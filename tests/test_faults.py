@@ -67,7 +67,8 @@ async def test_redis_down_serves_what_is_held_refuses_the_rest_and_recovers(
         for _ in range(3):
             start = time.monotonic()
             served = await client.get("/recommend", params=held)
-            assert served.status_code == 200 and served.json() == before
+            assert served.status_code == 200
+            assert same_recommendation(served.json(), before)
             assert time.monotonic() - start < TIMEOUT_S + 3.0
         for request in (
             client.get("/recommend", params=other),
@@ -103,6 +104,19 @@ async def test_redis_down_serves_what_is_held_refuses_the_rest_and_recovers(
         assert (await client.get("/recommend", params=other)).status_code == 200
         again = await client.post("/scenarios/other/adapt", json=scenario.body())
         assert again.status_code == 200 and again.json()["revision"] == 2
+
+
+def same_recommendation(got: dict, want: dict) -> bool:
+    """The same answer, scores to float rounding: a recommend ranked in a batch with other
+    users' can differ from one ranked alone in the last bits."""
+
+    def without_scores(answer: dict) -> dict:
+        return {**answer, "items": [item["item"] for item in answer["items"]]}
+
+    scores = [(a["score"], b["score"]) for a, b in zip(got["items"], want["items"], strict=True)]
+    return without_scores(got) == without_scores(want) and all(
+        a == pytest.approx(b, rel=1e-5, abs=1e-6) for a, b in scores
+    )
 
 
 def serve(registry: Path, redis_url: str, port: int, log: Path) -> subprocess.Popen:
