@@ -96,11 +96,15 @@ class AdaptedRecommender:
         """Top-n for each request: the users with an embedding ranked together (one forward
         over the pool, or one FAISS search, for all of them), the others by the scenario's
         popularity."""
-        ranked: list[Ranked] = [self._popular(request) for request in requests]
         has_embedding = self.loaded.has_embedding
-        embedded = [k for k, request in enumerate(requests) if has_embedding(request.user)]
+        ranked = {
+            k: self._popular(request)
+            for k, request in enumerate(requests)
+            if not has_embedding(request.user)
+        }
+        embedded = [k for k in range(len(requests)) if k not in ranked]
         if not embedded:
-            return ranked
+            return list(ranked.values())
         excluded = [self._excluded(requests[k]) for k in embedded]
         wanted = min(
             max(requests[k].n + len(skip) for k, skip in zip(embedded, excluded, strict=True)),
@@ -123,7 +127,7 @@ class AdaptedRecommender:
                 if p >= 0 and p not in excluded[j]
             ]
             ranked[k] = Ranked("adapted", items[: requests[k].n])
-        return ranked
+        return [ranked[k] for k in range(len(requests))]
 
     def _excluded(self, request: RankRequest) -> set[int]:
         return set(self.seen.get(request.user, ())) if request.exclude_seen else set()
