@@ -164,7 +164,6 @@ class FusedGates:
 
     def __init__(self, extension: ModuleType, meta: Params, sizes: list[int], hidden_size: int):
         self.extension = extension
-        self.hidden_size = hidden_size
         self.offsets = [0, *itertools.accumulate(sizes)]
         lanes = int(extension.lanes)
         self.state_shape = (sum(-(-size // lanes) for size in sizes), hidden_size, lanes)

@@ -69,7 +69,7 @@ def _rank_grouped(jobs: list[Job]) -> list[Ranked | Exception]:
     groups: dict[int, list[int]] = {}
     for position, (recommender, _, _) in enumerate(jobs):
         groups.setdefault(id(recommender), []).append(position)
-    outcomes: list[Ranked | Exception] = [RuntimeError("not ranked")] * len(jobs)
+    outcomes: dict[int, Ranked | Exception] = {}
     for positions in groups.values():
         recommender = jobs[positions[0]][0]
         try:
@@ -80,6 +80,5 @@ def _rank_grouped(jobs: list[Job]) -> list[Ranked | Exception]:
         # logs it.
         except Exception as error:  # noqa: BLE001
             ranked = [error] * len(positions)
-        for k, outcome in zip(positions, ranked, strict=True):
-            outcomes[k] = outcome
-    return outcomes
+        outcomes.update(zip(positions, ranked, strict=True))
+    return [outcomes[k] for k in range(len(jobs))]
