@@ -6,9 +6,10 @@ The service runs as deployed (`s2meta serve`, one process, over Redis with its a
 file), with a meta learner trained on LastFM with a tiny budget (64-dim embeddings) and the
 LastFM meta-test scenarios whose pools hold 300 to 1,000 candidates registered first. The bare
 endpoint (benchmarks/bare_app.py) answers a constant JSON of the same shape and size under
-uvicorn with the same settings. The load generator is a separate process on loopback
-(asyncio + httpx, one connection per concurrent worker, bounded in time), each request a
-random (evaluation user, scenario) pair. Reported per target and level: requests/s and
+uvicorn with the same settings (uvloop and httptools, as `s2meta serve`). The load generator
+is a separate process on loopback (asyncio on uvloop with plain HTTP/1.1, one keep-alive
+connection per concurrent worker, bounded in time), each request a random (evaluation user,
+scenario) pair. Reported per target and level: requests/s and
 p50/p95/p99 latency in ms; the service's throughput as a share of the bare endpoint's (the
 ratio is what carries over between machines, these ones being noisy); recommend p99 with
 adaptations posted during the load against without; and the top level again with dynamic
@@ -30,38 +31,72 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlencode, urlsplit
 
 import httpx
+import uvloop
 
 from benchmarks.report import DATA, write_report
 from benchmarks.soak import Stack, free_port, meta_test_scenarios, percentile, stop_process
 
 POOL_RANGE = (300, 1000)
+PROFILE_TOP = 25
+
+
+async def read_response(reader: asyncio.StreamReader) -> int:
+    """One HTTP/1.1 response off a keep-alive connection; its status code."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(
+        (
+            int(line.split(":", 1)[1])
+            for line in lines
+            if line.lower().startswith("content-length:")
+        ),
+        None,
+    )
+    if length is None:
+        raise RuntimeError(f"a response without Content-Length: {lines[0]}")
+    await reader.readexactly(length)
+    return int(lines[0].split()[1])
 
 
 async def generate(url: str, pairs: list[list[str]], concurrency: int, seconds: float) -> dict:
-    """Drive GET {url}/recommend with `concurrency` workers for `seconds`."""
+    """Drive GET {url}/recommend with `concurrency` workers, one keep-alive connection each,
+    for `seconds`.
+
+    Plain HTTP/1.1 over asyncio streams, the requests encoded beforehand: an httpx client
+    spends more CPU per request than the bare endpoint does to answer it, so on two cores it
+    measured itself more than the server (the first version of this script did).
+    """
+    parsed = urlsplit(url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 80
+    requests = [
+        f"GET /recommend?{urlencode({'user': user, 'scenario': scenario})} HTTP/1.1\r\n"
+        f"Host: {host}:{port}\r\n\r\n".encode()
+        for user, scenario in pairs
+    ]
     latencies: list[float] = []
     failures = 0
     deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
 
-        async def worker(seed: int) -> None:
-            nonlocal failures
-            rng = random.Random(seed)
+    async def worker(seed: int) -> None:
+        nonlocal failures
+        rng = random.Random(seed)
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
             while time.perf_counter() < deadline:
-                user, scenario = rng.choice(pairs)
                 start = time.perf_counter()
-                response = await client.get(
-                    "/recommend", params={"user": user, "scenario": scenario}
-                )
+                writer.write(rng.choice(requests))
+                status = await read_response(reader)
                 latencies.append((time.perf_counter() - start) * 1000)
-                failures += response.status_code != 200
+                failures += status != 200
+        finally:
+            writer.close()
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
-        elapsed = time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    elapsed = time.perf_counter() - started
     return {
         "requests": len(latencies),
         "failures": failures,
@@ -117,6 +152,45 @@ def post_adaptations(
     return durations
 
 
+def profile_during_load(
+    api_pid: int, url: str, pairs: Path, concurrency: int, seconds: float, raw: Path
+) -> dict:
+    """py-spy samples of the service (all its threads, not idle ones) while the generator
+    drives it; the functions with the most samples, on top of the stack (self) and anywhere
+    in it (total), as shares of all samples."""
+    command = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(api_pid)]
+    command += ["--duration", str(int(seconds)), "--rate", "200", "--format", "raw"]
+    command += ["--nonblocking", "--output", str(raw)]
+    spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1)  # py-spy attached
+    figures = run_generator(url, pairs, concurrency, seconds - 1)
+    _, errors = spy.communicate(timeout=60)
+    if spy.returncode != 0:
+        raise RuntimeError(f"py-spy failed: {errors[-2000:]}")
+    own: dict[str, int] = {}
+    anywhere: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [_function(frame) for frame in stack.split(";")]
+        total += int(count)
+        own[frames[-1]] = own.get(frames[-1], 0) + int(count)
+        for frame in set(frames):
+            anywhere[frame] = anywhere.get(frame, 0) + int(count)
+
+    def top(counts: dict[str, int]) -> list[tuple[str, float]]:
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:PROFILE_TOP]
+        return [(name, count / total) for name, count in ranked]
+
+    return {"load": figures, "samples": total, "self": top(own), "total": top(anywhere)}
+
+
+def _function(frame: str) -> str:
+    """'name (path/to/file.py:12)' as 'name (file.py)'."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({Path(where.rstrip(')').rpartition(':')[0]).name})" if where else name
+
+
 def print_table(figures: dict) -> None:
     print(f"{'target':<24}{'conc.':>6}{'req/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}")
     for row in figures["runs"]:
@@ -129,6 +203,11 @@ def print_table(figures: dict) -> None:
         print(f"service throughput / bare at concurrency {level}: {share:.1%}")
     print(f"recommend p99 with adaptations / without: {figures['p99_ratio_under_adaptation']:.2f}")
     print(f"throughput with dynamic batching / without: {figures['batching_throughput_gain']:.2f}")
+    if "profile" in figures:
+        profile = figures["profile"]
+        print(f"py-spy, {profile['samples']} samples of the service under load:")
+        for kind in ("self", "total"):
+            print(f"  {kind}: " + "; ".join(f"{n} {share:.0%}" for n, share in profile[kind][:12]))
 
 
 def main() -> int:
@@ -142,10 +221,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="per run (default 10)")
     parser.add_argument("--levels", default="1,8,32", help="concurrency levels (default 1,8,32)")
     parser.add_argument("--adapt-every", type=float, default=1.0, help="seconds (default 1)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile the service (py-spy) during one more run at the top level",
+    )
     args = parser.parse_args()
     if args.command == "generate":
         pairs = json.loads(args.pairs.read_text())
-        print(json.dumps(asyncio.run(generate(args.url, pairs, args.concurrency, args.seconds))))
+        figures = uvloop.run(generate(args.url, pairs, args.concurrency, args.seconds))
+        print(json.dumps(figures))
         return 0
 
     levels = [int(level) for level in args.levels.split(",")]
@@ -204,6 +289,13 @@ def main() -> int:
             stop.set()
             poster.join()
             runs.append({"target": "service + adaptations", "concurrency": top, **figures})
+            profile = None
+            if args.profile:
+                assert stack.api is not None
+                profile = profile_during_load(
+                    stack.api.pid, stack.base_url, pairs_path, top, args.seconds + 1,
+                    root / "profile.txt",
+                )  # fmt: skip
             # The same service with dynamic batching off: each recommend ranked alone.
             stack.stop_api()
             stack.start_api({"S2META_RECOMMEND_BATCH_MAX": "1"})
@@ -232,6 +324,7 @@ def main() -> int:
         / by[("service", top)]["ms"]["p99"],
         "batching_throughput_gain": by[("service", top)]["requests_per_s"]
         / by[("service, batching off", top)]["requests_per_s"],
+        **({"profile": profile} if profile is not None else {}),
     }
     print_table(report)
     write_report("serving_load", report)

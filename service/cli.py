@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.learners import resolve_device
-from service.recommenders import check_index_factory
+from service.recommenders import check_index_settings
 from service.settings import Settings
 
 EXIT_USAGE = 2
@@ -36,8 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"s2meta serve: error: invalid settings: {problems}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        resolve_device(settings.device)
-        check_index_factory(settings.faiss_index)
+        device = resolve_device(settings.device)
+        check_index_settings(settings.faiss_index, settings.faiss_search, device)
     except (ValueError, RuntimeError) as error:
         print(f"s2meta serve: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -52,6 +52,7 @@ class AdaptedRecommender:
         stored: StoredScenario,
         loaded: LoadedVersion,
         faiss_index: str,
+        faiss_search: str,
         faiss_min_pool: int,
     ) -> None:
         meta = stored.state.meta
@@ -73,23 +74,26 @@ class AdaptedRecommender:
             if item in position:
                 counts[position[item]] = count
         # Most popular first, ties in pool order: the fallback for users without an embedding.
-        self.popular_order: list[int] = np.argsort(-counts, kind="stable").tolist()
+        self.popular_order = np.argsort(-counts, kind="stable").astype(np.int32)
         self.popular_counts = counts
         self.seen: dict[str, list[int]] = {}
         for user, item in stored.state.interactions:
             if item in position:
                 self.seen.setdefault(user, []).append(position[item])
 
+        # Held per scenario, so kept small (benchmarks/memory.py): the pool's rows in the
+        # shared embedding table rather than a copy of its embeddings (gathered per batch, a
+        # small copy beside the forward over the pool), and for the mapping variant only the
+        # index of the item-tower vectors.
         device = loaded.tables.item.device
-        pool_rows = torch.as_tensor(rows, dtype=torch.long, device=device)
-        self.pool_embeddings = loaded.tables.item[pool_rows]
+        self.pool_rows = torch.as_tensor(rows, dtype=torch.long, device=device)
         self.pool_pop = torch.log1p(torch.as_tensor(counts, device=device))
         self.index: Any = None
         if self.spec.variant == "mapping":
             with torch.no_grad():
-                vectors = item_vector(self.spec, self.params, self.pool_embeddings)
+                vectors = item_vector(self.spec, self.params, loaded.tables.item[self.pool_rows])
             self.index = build_index(
-                vectors.float().cpu().numpy(), faiss_index, faiss_min_pool, device
+                vectors.float().cpu().numpy(), faiss_index, faiss_search, faiss_min_pool, device
             )
 
     def recommend(self, requests: list[RankRequest]) -> list[Ranked]:
@@ -111,7 +115,7 @@ class AdaptedRecommender:
             len(self.pool_ids),
         )
         rows = [self.loaded.user_rows[requests[k].user] for k in embedded]
-        users = self.loaded.tables.user[torch.as_tensor(rows, device=self.pool_embeddings.device)]
+        users = self.loaded.tables.user[torch.as_tensor(rows, device=self.pool_pop.device)]
         with torch.no_grad():
             if self.index is not None:
                 queries = user_vector(self.spec, self.params, users).float().cpu().numpy()
@@ -134,19 +138,20 @@ class AdaptedRecommender:
 
     def _popular(self, request: RankRequest) -> Ranked:
         excluded = self._excluded(request)
-        order = itertools.islice((k for k in self.popular_order if k not in excluded), request.n)
+        order = itertools.islice(
+            (k for k in self.popular_order.tolist() if k not in excluded), request.n
+        )
         return Ranked("popular", [(self.pool_ids[k], float(self.popular_counts[k])) for k in order])
 
     def _score_pool(self, users: Tensor) -> Tensor:
         """Scores [U, P], the pool in chunks so a forward holds about SCORE_CHUNK pairs."""
         chunk = max(1, SCORE_CHUNK // len(users))
+        pool = self.loaded.tables.item[self.pool_rows]
         return torch.cat(
             [
-                score_pool(self.spec, self.params, users, pool, pop)
-                for pool, pop in zip(
-                    torch.split(self.pool_embeddings, chunk),
-                    torch.split(self.pool_pop, chunk),
-                    strict=True,
+                score_pool(self.spec, self.params, users, embeddings, pop)
+                for embeddings, pop in zip(
+                    torch.split(pool, chunk), torch.split(self.pool_pop, chunk), strict=True
                 )
             ],
             dim=1,
@@ -166,43 +171,78 @@ def _faiss() -> Any:  # the faiss module (no type stubs)
     return faiss
 
 
-def check_index_factory(factory: str) -> None:
-    """Raise ValueError unless faiss can build `factory` (checked once at start)."""
+def check_index_settings(factory: str, search: str, device: torch.device) -> None:
+    """Raise ValueError unless faiss can build `factory`, take the `search` parameters and,
+    where the service would put indexes on the GPU, move it there (checked once at start)."""
     faiss = _faiss()
     try:
-        faiss.index_factory(8, factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(8, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
         raise ValueError(
             f"S2META_FAISS_INDEX={factory!r}: not a faiss index factory string"
         ) from error
+    if _on_gpu(device):
+        try:
+            index = faiss.index_cpu_to_gpu(_gpu(), device.index or 0, index)
+        except RuntimeError as error:
+            raise ValueError(
+                f"S2META_FAISS_INDEX={factory!r}: faiss cannot put this index on the GPU"
+            ) from error
+    try:
+        _set_search_parameters(index, search, device)
+    except RuntimeError as error:
+        raise ValueError(
+            f"S2META_FAISS_SEARCH={search!r}: not search parameters of {factory!r} ({error})"
+        ) from error
 
 
-def build_index(vectors: np.ndarray, factory: str, min_pool: int, device: torch.device) -> Any:
-    """An inner-product FAISS index over vectors [P, D]: `factory` for pools of at least
-    `min_pool` items (exact "Flat" below that, or where the pool is too small to train the
-    factory's index), on the GPU when faiss has one and the service runs on CUDA."""
+def build_index(
+    vectors: np.ndarray, factory: str, search: str, min_pool: int, device: torch.device
+) -> Any:
+    """An inner-product FAISS index over vectors [P, D]: `factory` with the `search`
+    parameters (a faiss ParameterSpace string such as "nprobe=64") for pools of at least
+    `min_pool` items, exact "Flat" below that or where the pool is too small to train the
+    factory's index; on the GPU when faiss has one and the service runs on CUDA."""
     faiss = _faiss()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    description = factory if len(vectors) >= min_pool else "Flat"
-    index = faiss.index_factory(vectors.shape[1], description, faiss.METRIC_INNER_PRODUCT)
-    if device.type == "cuda" and faiss.get_num_gpus() > 0:
-        global _gpu_resources
-        if _gpu_resources is None:
-            _gpu_resources = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(_gpu_resources, device.index or 0, index)
+    if len(vectors) < min_pool:
+        factory, search = "Flat", ""
+    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if _on_gpu(device):
+        index = faiss.index_cpu_to_gpu(_gpu(), device.index or 0, index)
     if not index.is_trained:
         try:
             index.train(vectors)
         except RuntimeError as error:
             logger.warning(
                 "index %r cannot be trained on a pool of %d (%s); using the exact Flat index",
-                description,
+                factory,
                 len(vectors),
                 error,
             )
-            return build_index(vectors, "Flat", 0, device)
+            return build_index(vectors, "Flat", "", 0, device)
+    _set_search_parameters(index, search, device)
     index.add(vectors)
     return index
+
+
+def _on_gpu(device: torch.device) -> bool:
+    return device.type == "cuda" and _faiss().get_num_gpus() > 0
+
+
+def _gpu() -> Any:
+    """The process's faiss GPU resources (scratch memory and streams), made once."""
+    global _gpu_resources
+    if _gpu_resources is None:
+        _gpu_resources = _faiss().StandardGpuResources()
+    return _gpu_resources
+
+
+def _set_search_parameters(index: Any, search: str, device: torch.device) -> None:
+    if search:
+        faiss = _faiss()
+        space = faiss.GpuParameterSpace() if _on_gpu(device) else faiss.ParameterSpace()
+        space.set_index_parameters(index, search)
 
 
 class RevisionWatch:

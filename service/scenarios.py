@@ -199,6 +199,7 @@ class ScenarioService:
             stored,
             loaded,
             self.settings.faiss_index,
+            self.settings.faiss_search,
             self.settings.faiss_min_pool,
         )
 

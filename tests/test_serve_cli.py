@@ -23,6 +23,10 @@ def test_bad_settings_exit_2_naming_the_setting(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("S2META_REGISTRY", str(tmp_path / "missing"))
     assert main(["serve"]) == 2
     assert "not a directory" in capsys.readouterr().err
+    monkeypatch.setenv("S2META_REGISTRY", str(tmp_path))
+    monkeypatch.setenv("S2META_FAISS_SEARCH", "efSearch=64")  # the default IVF has nprobe
+    assert main(["serve"]) == 2
+    assert "S2META_FAISS_SEARCH='efSearch=64'" in capsys.readouterr().err
 
 
 def test_help_lists_serve_beside_the_offline_commands(capsys):

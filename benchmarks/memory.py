@@ -1,0 +1,186 @@
+"""Memory: bytes per adapted scenario in Redis and in the service's process, how many
+scenarios fit in 1 GiB of each, and the service's peak RSS holding 10,000 adapted scenarios.
+
+The stack runs as deployed (Redis, `s2meta serve` as a subprocess) with a meta learner
+trained on LastFM with a tiny budget (64-dim embeddings; the budget changes no sizes). The
+LastFM meta-test scenarios with pools of 300 to 1,000 candidates are adapted through the API
+once per recommender variant.
+
+- Redis: MEMORY USAGE of each scenario's keys (the record hash and its revision counter),
+  median per variant; and, as a cross-check, the growth of Redis's used_memory over the
+  10,000 scenarios below, per scenario (it also counts the index of scenario ids).
+- In process: the default variant's adapted scenarios copied under 10,000 ids (the stored
+  records as the adaptation wrote them; copying instead of adapting 10,000 times changes no
+  sizes, and adaptation speed is benchmarks/adaptation_speed.py's), then the service, with
+  room for all of them in its cache (S2META_CACHE_SCENARIOS), asked one recommend per
+  scenario so it builds and holds each adapted recommender. Bytes per scenario = the growth
+  of the API's RSS from the 1,000th to the 10,000th scenario held, over 9,000 (the first
+  thousand also pay one-off allocations). Peak RSS = VmHWM of the API process at the end.
+
+Prints a table and writes benchmarks/results/memory.json. Not part of the test run.
+Run: python -m benchmarks.memory [--scenarios 10000]
+"""
+
+import argparse
+import asyncio
+import secrets
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+import redis
+
+from benchmarks.report import DATA, write_report
+from benchmarks.soak import NAMESPACE, Stack, meta_test_scenarios
+from service.store import RedisStore
+
+POOL_RANGE = (300, 1000)
+VARIANTS = ("interaction", "mapping", "hybrid")
+GIB = 2**30
+FIRST_HELD = 1000
+
+
+def proc_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/{pid}/status has no {field}")
+
+
+def redis_bytes(client: redis.Redis, scenario_id: str) -> int:
+    keys = (f"{NAMESPACE}:scenario:{scenario_id}", f"{NAMESPACE}:revision:{scenario_id}")
+    return sum(int(client.memory_usage(key, samples=0) or 0) for key in keys)
+
+
+async def copy_scenarios(redis_url: str, sources: list[str], count: int) -> list[str]:
+    """`count` new scenarios, each a copy of a source's stored record; their ids."""
+    store = RedisStore(redis_url, NAMESPACE)
+    try:
+        states = [(source, (await store.get(source)).state) for source in sources]
+        ids = []
+        for k in range(count):
+            source, state = states[k % len(states)]
+            ids.append(f"copy-{k}-{source}")
+            await store.put(ids[-1], state)
+        return ids
+    finally:
+        await store.close()
+
+
+async def hold_all(base_url: str, targets: list[tuple[str, str]], pid: int) -> dict[int, int]:
+    """One recommend per (scenario, user), 4 at a time, in order; the API's RSS in KiB after
+    FIRST_HELD and after all of them."""
+    rss: dict[int, int] = {}
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+        for start in range(0, len(targets), 4):
+            chunk = targets[start : start + 4]
+            responses = await asyncio.gather(
+                *(client.get("/recommend", params={"user": u, "scenario": s}) for s, u in chunk)
+            )
+            for response in responses:
+                response.raise_for_status()
+            held = start + len(chunk)
+            if held in (FIRST_HELD, len(targets)):
+                rss[held] = proc_kib(pid, "VmRSS")
+    return rss
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scenarios", type=int, default=10_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="s2meta-memory-") as scratch:
+        stack = Stack(Path(scratch), secrets.token_hex(16))
+        try:
+            print("memory: training a meta learner (tiny budget, 64-dim) and publishing ...")
+            stack.start_redis()
+            stack.train_and_publish(DATA / "LastFM", embedding_dim=64)
+            stack.start_api()
+            scenarios = [
+                s
+                for s in meta_test_scenarios(stack.artifact, DATA / "LastFM", stack.cache)
+                if POOL_RANGE[0] <= len(s.body["candidates"]) <= POOL_RANGE[1]
+            ]
+            headers = {"Authorization": f"Bearer {stack.admin_token}"}
+            default_ids, users = [], {}
+            for variant in (None, *VARIANTS):
+                for scenario in scenarios:
+                    name = f"{variant or 'default'}-{scenario.scenario_id}"
+                    httpx.post(
+                        f"{stack.base_url}/scenarios/{name}/adapt",
+                        json={**scenario.body, "variant": variant},
+                        headers=headers,
+                        timeout=120,
+                    ).raise_for_status()
+                    users[name] = scenario.users[0]
+                    if variant is None:
+                        default_ids.append(name)
+            default_variant = httpx.get(
+                f"{stack.base_url}/scenarios/{default_ids[0]}", timeout=10
+            ).json()["variant"]
+            stack.stop_api()
+
+            client = redis.Redis(port=stack.redis_port)
+            per_variant = {
+                variant: statistics.median(
+                    redis_bytes(client, f"{variant}-{s.scenario_id}") for s in scenarios
+                )
+                for variant in VARIANTS
+            }
+            pools = [len(s.body["candidates"]) for s in scenarios]
+            before = int(client.info("memory")["used_memory"])
+            print(f"memory: copying to {args.scenarios:,} stored scenarios ...")
+            copies = asyncio.run(copy_scenarios(stack.redis_url, default_ids, args.scenarios))
+            redis_growth = (int(client.info("memory")["used_memory"]) - before) / args.scenarios
+            client.close()
+
+            stack.start_api({"S2META_CACHE_SCENARIOS": str(args.scenarios + 100)})
+            assert stack.api is not None
+            pid = stack.api.pid
+            ready_kib = proc_kib(pid, "VmRSS")
+            targets = [(c, users[c.split("-", 2)[2]]) for c in copies]
+            print(f"memory: one recommend per scenario, {len(targets):,} ...")
+            rss = asyncio.run(hold_all(stack.base_url, targets, pid))
+            peak_kib = proc_kib(pid, "VmHWM")
+        finally:
+            stack.close()
+
+    in_process = (rss[args.scenarios] - rss[FIRST_HELD]) * 1024 / (args.scenarios - FIRST_HELD)
+    report = {
+        "scenarios": len(scenarios),
+        "pool_median": statistics.median(pools),
+        "pool_range": POOL_RANGE,
+        "default_variant": default_variant,
+        "redis_bytes_per_scenario": per_variant,
+        "redis_used_memory_growth_per_scenario": redis_growth,
+        "redis_scenarios_per_gib": {v: GIB / b for v, b in per_variant.items()},
+        "held": args.scenarios,
+        "api_rss_mib": {
+            "ready": ready_kib / 1024,
+            f"holding {FIRST_HELD}": rss[FIRST_HELD] / 1024,
+            f"holding {args.scenarios}": rss[args.scenarios] / 1024,
+            "peak": peak_kib / 1024,
+        },
+        "process_bytes_per_scenario": in_process,
+        "process_scenarios_per_gib": GIB / in_process,
+    }
+    print(
+        f"{len(scenarios)} LastFM scenarios, pools {POOL_RANGE[0]}-{POOL_RANGE[1]} "
+        f"(median {report['pool_median']:.0f}); default variant {default_variant}"
+    )
+    rows = [(f"Redis, {variant}", size) for variant, size in per_variant.items()]
+    rows += [("Redis used_memory growth", redis_growth)]
+    rows += [(f"API process, {default_variant}", in_process)]
+    print(f"{'where':<34}{'KiB/scenario':>14}{'scenarios/GiB':>15}")
+    for where, size in rows:
+        print(f"{where:<34}{size / 1024:>14.1f}{GIB / size:>15,.0f}")
+    for label, mib in report["api_rss_mib"].items():
+        print(f"API RSS {label}: {mib:,.0f} MiB")
+    write_report("memory", report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
