@@ -23,6 +23,7 @@ Run: python -m benchmarks.memory [--scenarios 10000]
 
 import argparse
 import asyncio
+import json
 import secrets
 import statistics
 import sys
@@ -54,17 +55,17 @@ def redis_bytes(client: redis.Redis, scenario_id: str) -> int:
     return sum(int(client.memory_usage(key, samples=0) or 0) for key in keys)
 
 
-async def copy_scenarios(redis_url: str, sources: list[str], count: int) -> list[str]:
-    """`count` new scenarios, each a copy of a source's stored record; their ids."""
+async def copy_scenarios(redis_url: str, sources: list[str], count: int) -> list[tuple[str, str]]:
+    """`count` new scenarios, each a copy of a source's stored record; (id, source) pairs."""
     store = RedisStore(redis_url, NAMESPACE)
     try:
         states = [(source, (await store.get(source)).state) for source in sources]
-        ids = []
+        copies = []
         for k in range(count):
             source, state = states[k % len(states)]
-            ids.append(f"copy-{k}-{source}")
-            await store.put(ids[-1], state)
-        return ids
+            copies.append((f"copy-{k}-{source}", source))
+            await store.put(copies[-1][0], state)
+        return copies
     finally:
         await store.close()
 
@@ -87,6 +88,37 @@ async def hold_all(base_url: str, targets: list[tuple[str, str]], pid: int) -> d
     return rss
 
 
+def hold_in_process(
+    stack: Stack, client: redis.Redis, sources: list[str], users: dict[str, str], count: int
+) -> dict[str, object]:
+    """Copy `sources` to `count` stored scenarios, start the API with room for all of them,
+    have it build and hold each; Redis growth and the API's RSS figures."""
+    before = int(client.info("memory")["used_memory"])
+    print(f"memory: copying {sources[0].split('-')[0]} scenarios to {count:,} ...")
+    copies = asyncio.run(copy_scenarios(stack.redis_url, sources, count))
+    redis_growth = (int(client.info("memory")["used_memory"]) - before) / count
+    stack.start_api({"S2META_CACHE_SCENARIOS": str(count + 100)})
+    assert stack.api is not None
+    pid = stack.api.pid
+    ready_kib = proc_kib(pid, "VmRSS")
+    print(f"memory: one recommend per scenario, {count:,} ...")
+    rss = asyncio.run(hold_all(stack.base_url, [(c, users[source]) for c, source in copies], pid))
+    peak_kib = proc_kib(pid, "VmHWM")
+    stack.stop_api()
+    in_process = (rss[count] - rss[FIRST_HELD]) * 1024 / (count - FIRST_HELD)
+    return {
+        "redis_growth_per_scenario": redis_growth,
+        "process_bytes_per_scenario": in_process,
+        "process_scenarios_per_gib": GIB / in_process,
+        "api_rss_mib": {
+            "ready": ready_kib / 1024,
+            f"holding {FIRST_HELD}": rss[FIRST_HELD] / 1024,
+            f"holding {count}": rss[count] / 1024,
+            "peak": peak_kib / 1024,
+        },
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--scenarios", type=int, default=10_000)
@@ -104,10 +136,10 @@ def main() -> int:
                 if POOL_RANGE[0] <= len(s.body["candidates"]) <= POOL_RANGE[1]
             ]
             headers = {"Authorization": f"Bearer {stack.admin_token}"}
-            default_ids, users = [], {}
-            for variant in (None, *VARIANTS):
+            users = {}
+            for variant in VARIANTS:
                 for scenario in scenarios:
-                    name = f"{variant or 'default'}-{scenario.scenario_id}"
+                    name = f"{variant}-{scenario.scenario_id}"
                     httpx.post(
                         f"{stack.base_url}/scenarios/{name}/adapt",
                         json={**scenario.body, "variant": variant},
@@ -115,11 +147,8 @@ def main() -> int:
                         timeout=120,
                     ).raise_for_status()
                     users[name] = scenario.users[0]
-                    if variant is None:
-                        default_ids.append(name)
-            default_variant = httpx.get(
-                f"{stack.base_url}/scenarios/{default_ids[0]}", timeout=10
-            ).json()["variant"]
+            config = json.loads((stack.artifact / "config.json").read_text())
+            default_variant = config["default_variant"]
             stack.stop_api()
 
             client = redis.Redis(port=stack.redis_port)
@@ -130,54 +159,38 @@ def main() -> int:
                 for variant in VARIANTS
             }
             pools = [len(s.body["candidates"]) for s in scenarios]
-            before = int(client.info("memory")["used_memory"])
-            print(f"memory: copying to {args.scenarios:,} stored scenarios ...")
-            copies = asyncio.run(copy_scenarios(stack.redis_url, default_ids, args.scenarios))
-            redis_growth = (int(client.info("memory")["used_memory"]) - before) / args.scenarios
+            held = {}
+            for variant in dict.fromkeys((default_variant, "mapping")):
+                sources = [f"{variant}-{s.scenario_id}" for s in scenarios]
+                held[variant] = hold_in_process(stack, client, sources, users, args.scenarios)
             client.close()
-
-            stack.start_api({"S2META_CACHE_SCENARIOS": str(args.scenarios + 100)})
-            assert stack.api is not None
-            pid = stack.api.pid
-            ready_kib = proc_kib(pid, "VmRSS")
-            targets = [(c, users[c.split("-", 2)[2]]) for c in copies]
-            print(f"memory: one recommend per scenario, {len(targets):,} ...")
-            rss = asyncio.run(hold_all(stack.base_url, targets, pid))
-            peak_kib = proc_kib(pid, "VmHWM")
         finally:
             stack.close()
 
-    in_process = (rss[args.scenarios] - rss[FIRST_HELD]) * 1024 / (args.scenarios - FIRST_HELD)
     report = {
         "scenarios": len(scenarios),
         "pool_median": statistics.median(pools),
         "pool_range": POOL_RANGE,
         "default_variant": default_variant,
         "redis_bytes_per_scenario": per_variant,
-        "redis_used_memory_growth_per_scenario": redis_growth,
         "redis_scenarios_per_gib": {v: GIB / b for v, b in per_variant.items()},
         "held": args.scenarios,
-        "api_rss_mib": {
-            "ready": ready_kib / 1024,
-            f"holding {FIRST_HELD}": rss[FIRST_HELD] / 1024,
-            f"holding {args.scenarios}": rss[args.scenarios] / 1024,
-            "peak": peak_kib / 1024,
-        },
-        "process_bytes_per_scenario": in_process,
-        "process_scenarios_per_gib": GIB / in_process,
+        "in_process": held,
     }
     print(
         f"{len(scenarios)} LastFM scenarios, pools {POOL_RANGE[0]}-{POOL_RANGE[1]} "
         f"(median {report['pool_median']:.0f}); default variant {default_variant}"
     )
     rows = [(f"Redis, {variant}", size) for variant, size in per_variant.items()]
-    rows += [("Redis used_memory growth", redis_growth)]
-    rows += [(f"API process, {default_variant}", in_process)]
-    print(f"{'where':<34}{'KiB/scenario':>14}{'scenarios/GiB':>15}")
+    for variant, figures in held.items():
+        rows.append((f"Redis used_memory growth, {variant}", figures["redis_growth_per_scenario"]))
+        rows.append((f"API process, {variant}", figures["process_bytes_per_scenario"]))
+    print(f"{'where':<40}{'KiB/scenario':>14}{'scenarios/GiB':>15}")
     for where, size in rows:
-        print(f"{where:<34}{size / 1024:>14.1f}{GIB / size:>15,.0f}")
-    for label, mib in report["api_rss_mib"].items():
-        print(f"API RSS {label}: {mib:,.0f} MiB")
+        print(f"{where:<40}{size / 1024:>14.1f}{GIB / size:>15,.0f}")
+    for variant, figures in held.items():
+        rss = ", ".join(f"{label} {mib:,.0f}" for label, mib in figures["api_rss_mib"].items())
+        print(f"API RSS in MiB, {variant}: {rss}")
     write_report("memory", report)
     return 0
 
