@@ -151,12 +151,43 @@ def hinge_loss(
     return torch.relu(1.0 - margin).mean()
 
 
+def pool_first_layer(params: Params, pool: Tensor) -> Tensor:
+    """Interaction and hybrid variants: the pool's half of the MLP's first layer, [P, D] from
+    pool [P, D]. It does not depend on the user, so serving computes it once per adapted
+    scenario rather than per request."""
+    return pool @ params["mlp.0.weight"][pool.shape[-1] :]
+
+
 def score_pool(
-    spec: RecommenderSpec, params: Params, users: Tensor, pool: Tensor, pool_pop: Tensor
+    spec: RecommenderSpec,
+    params: Params,
+    users: Tensor,
+    pool: Tensor,
+    pool_pop: Tensor,
+    pool_half: Tensor | None = None,
 ) -> Tensor:
-    """Scores [U, P] of every user against every pool item: users [U, D], pool [P, D]."""
+    """Scores [U, P] of every user against every pool item: users [U, D], pool [P, D],
+    pool_pop [P]; pool_half: pool_first_layer(params, pool) when computed before.
+
+    For inference only (call it without gradients): the same function as `score`, but with
+    activations in place and biases fused into the matrix products, since ranking a pool is
+    the service's hot path (and evaluation's); tests/test_recommender.py holds the two equal.
+    """
     if spec.variant == "mapping":
         return user_vector(spec, params, users) @ item_vector(spec, params, pool).T
-    user_half, pool_half = _first_layer_halves(params, users, pool)
-    first = user_half[:, None, :] + pool_half[None, :, :]  # [U, P, D]
-    return _mlp_variant_scores(spec, params, first, users @ pool.T, pool_pop[None, :])
+    if pool_half is None:
+        pool_half = pool_first_layer(params, pool)
+    weight = params["mlp.0.weight"]
+    user_half = torch.addmm(params["mlp.0.bias"], users, weight[: users.shape[-1]])
+    x = (user_half[:, None, :] + pool_half[None, :, :]).flatten(0, 1).relu_()  # [U * P, D]
+    layers = len(spec.mlp_widths()) - 1
+    for layer in range(1, layers):
+        x = torch.addmm(params[f"mlp.{layer}.bias"], x, params[f"mlp.{layer}.weight"])
+        if layer < layers - 1:
+            x = x.relu_()
+    scores = x.view(len(users), len(pool))
+    if spec.variant == "interaction":
+        return scores
+    # scale * <e_u, e_i> + w_pop * pop_i, added into the MLP's scores.
+    scores.addmm_(users * params["dot_scale"], pool.T)
+    return scores.add_(params["pop_weight"] * pool_pop)

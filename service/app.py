@@ -1,16 +1,18 @@
 """The FastAPI application: settings in, lifespan loads the meta learner and opens the store,
 routes are thin over ScenarioService."""
 
+import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.errors import ArtifactError
 from service.adaptation import AdaptationInputError
@@ -30,6 +32,40 @@ from service.store import StoreError, open_store
 logger = logging.getLogger(__name__)
 
 
+class RequestLatency:
+    """s2meta_request_seconds by method, route template and status. Plain ASGI rather than
+    `@app.middleware("http")`, whose wrapper (a task group and a streamed copy of every
+    response) cost more than a whole recommend's own work (benchmarks/serving_load.py
+    --profile). An error that escapes the app counts as 500 and propagates."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            route = scope.get("route")
+            self.metrics.request_seconds.labels(
+                method=scope["method"],
+                route=getattr(route, "path", "unmatched"),
+                status=str(status),
+            ).observe(time.perf_counter() - start)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = ServiceMetrics()
@@ -46,6 +82,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # stale scenarios runs in the background, not in the start-up path.
         await service.refresh()
         service.start()
+        # What start-up loaded (torch, the meta learner, the app) lives as long as the process:
+        # out of the collector's sight, a full collection under load no longer walks it
+        # (those pauses were most of the recommend p99 in benchmarks/serving_load.py).
+        gc.freeze()
         try:
             yield
         finally:
@@ -72,19 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type"],
         )
 
-    @app.middleware("http")
-    async def observe_latency(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.request_seconds.labels(
-            method=request.method,
-            route=getattr(route, "path", "unmatched"),
-            status=str(response.status_code),
-        ).observe(time.perf_counter() - start)
-        return response
+    # Outermost (added last): every answer is timed, the refusals of the ones inside too.
+    app.add_middleware(RequestLatency, metrics=metrics)
 
     def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse({"detail": detail}, status_code=status, headers=headers)

@@ -5,6 +5,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import torch
 import uvicorn
 from pydantic import ValidationError
 
@@ -50,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Splitting a recommend's small products over threads costs more than it saves, and the
+    # threads contend with the event loop and the other batch: half the throughput at 32
+    # connections with torch's default of one thread per core (benchmarks/serving_load.py).
+    torch.set_num_threads(settings.torch_threads)
     uvicorn.run(
         create_app(settings),
         host=args.host or settings.host,

@@ -21,7 +21,13 @@ from torch import Tensor
 
 from model.learner import layout_of
 from model.params import Params
-from model.recommender import RecommenderSpec, item_vector, score_pool, user_vector
+from model.recommender import (
+    RecommenderSpec,
+    item_vector,
+    pool_first_layer,
+    score_pool,
+    user_vector,
+)
 from service.learners import LoadedVersion
 from service.store import StoredScenario
 
@@ -81,20 +87,23 @@ class AdaptedRecommender:
             if item in position:
                 self.seen.setdefault(user, []).append(position[item])
 
-        # Held per scenario, so kept small (benchmarks/memory.py): the pool's rows in the
-        # shared embedding table rather than a copy of its embeddings (gathered per batch, a
-        # small copy beside the forward over the pool), and for the mapping variant only the
-        # index of the item-tower vectors.
+        # Held per scenario (benchmarks/memory.py): the pool's rows in the shared embedding
+        # table rather than a copy of its embeddings (gathered per batch, a small copy beside
+        # the forward over the pool); the mapping variant's index of item-tower vectors, or
+        # the other variants' pool half of the MLP's first layer.
         device = loaded.tables.item.device
         self.pool_rows = torch.as_tensor(rows, dtype=torch.long, device=device)
         self.pool_pop = torch.log1p(torch.as_tensor(counts, device=device))
         self.index: Any = None
-        if self.spec.variant == "mapping":
-            with torch.no_grad():
-                vectors = item_vector(self.spec, self.params, loaded.tables.item[self.pool_rows])
-            self.index = build_index(
-                vectors.float().cpu().numpy(), faiss_index, faiss_search, faiss_min_pool, device
-            )
+        self.pool_half: Tensor | None = None
+        with torch.no_grad():
+            pool = loaded.tables.item[self.pool_rows]
+            if self.spec.variant == "mapping":
+                vectors = item_vector(self.spec, self.params, pool).float().cpu().numpy()
+                self.index = build_index(vectors, faiss_index, faiss_search, faiss_min_pool, device)
+            else:
+                # A third of the work of ranking one user, and the same for every user.
+                self.pool_half = pool_first_layer(self.params, pool)
 
     def recommend(self, requests: list[RankRequest]) -> list[Ranked]:
         """Top-n for each request: the users with an embedding ranked together (one forward
@@ -145,16 +154,19 @@ class AdaptedRecommender:
 
     def _score_pool(self, users: Tensor) -> Tensor:
         """Scores [U, P], the pool in chunks so a forward holds about SCORE_CHUNK pairs."""
-        chunk = max(1, SCORE_CHUNK // len(users))
+        assert self.pool_half is not None  # interaction and hybrid variants
         pool = self.loaded.tables.item[self.pool_rows]
+        chunk = max(1, SCORE_CHUNK // len(users))
+        if len(pool) <= chunk:
+            return score_pool(self.spec, self.params, users, pool, self.pool_pop, self.pool_half)
+        parts = zip(
+            torch.split(pool, chunk),
+            torch.split(self.pool_pop, chunk),
+            torch.split(self.pool_half, chunk),
+            strict=True,
+        )
         return torch.cat(
-            [
-                score_pool(self.spec, self.params, users, embeddings, pop)
-                for embeddings, pop in zip(
-                    torch.split(pool, chunk), torch.split(self.pool_pop, chunk), strict=True
-                )
-            ],
-            dim=1,
+            [score_pool(self.spec, self.params, users, *part) for part in parts], dim=1
         )
 
 

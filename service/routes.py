@@ -30,7 +30,9 @@ bearer = HTTPBearer(
 )
 
 
-def scenario_service(request: Request) -> ScenarioService:
+# The dependencies are coroutines although they do no I/O: FastAPI runs a plain function
+# dependency on a worker thread, a thread hop per request for nothing.
+async def scenario_service(request: Request) -> ScenarioService:
     return request.app.state.service
 
 
@@ -62,7 +64,7 @@ def _authorise(
         raise HTTPException(403, f"{role} token not accepted")
 
 
-def require_admin(
+async def require_admin(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> None:
@@ -71,7 +73,7 @@ def require_admin(
         _authorise(request, credentials, [token], "admin")
 
 
-def require_reader(
+async def require_reader(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> None:

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a 429")
 
     cache_scenarios: int = Field(256, ge=1, description="adapted recommenders kept in process")
+    torch_threads: int = Field(
+        1,
+        ge=1,
+        description="torch's threads within one product (s2meta serve): parallelism comes "
+        "from concurrent batches and adaptations",
+    )
     recommend_batch_max: int = Field(
         64, ge=1, description="concurrent recommends ranked together, at most (1: one by one)"
     )

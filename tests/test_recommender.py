@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from model.params import ParamLayout
-from model.recommender import RecommenderSpec, hinge_loss, init_params, score, score_pool
+from model.recommender import (
+    RecommenderSpec,
+    hinge_loss,
+    init_params,
+    pool_first_layer,
+    score,
+    score_pool,
+)
 from model.sampling import pool_popularity, sample_triples
 
 
@@ -37,12 +44,23 @@ def test_hybrid_uses_popularity_through_its_weight():
 @pytest.mark.parametrize("variant", ["interaction", "mapping", "hybrid"])
 def test_score_pool_equals_pairwise_scores(variant):
     spec = RecommenderSpec(variant, 8)
-    params = init_params(spec, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    # Every parameter away from its initial value, so each term of the score counts (the
+    # hybrid starts with no popularity weight, the towers with zero last layers).
+    params = {
+        name: value + 0.3 * torch.randn(value.shape, generator=generator)
+        for name, value in init_params(spec, generator).items()
+    }
     users, pool, pop = torch.randn(3, 8), torch.randn(7, 8), torch.rand(7)
-    matrix = score_pool(spec, params, users, pool, pop)
-    for u in range(3):
-        expected = score(spec, params, users[u].expand(7, 8), pool, pop)
-        torch.testing.assert_close(matrix[u], expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        matrices = [score_pool(spec, params, users, pool, pop)]
+        if variant != "mapping":
+            pool_half = pool_first_layer(params, pool)
+            matrices.append(score_pool(spec, params, users, pool, pop, pool_half))
+    for matrix in matrices:
+        for u in range(3):
+            expected = score(spec, params, users[u].expand(7, 8), pool, pop)
+            torch.testing.assert_close(matrix[u], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_triples_negatives_come_from_the_pool_and_are_not_positives():

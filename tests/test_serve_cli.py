@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 from s2meta.cli import main
 
@@ -27,6 +28,22 @@ def test_bad_settings_exit_2_naming_the_setting(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("S2META_FAISS_SEARCH", "efSearch=64")  # the default IVF has nprobe
     assert main(["serve"]) == 2
     assert "S2META_FAISS_SEARCH='efSearch=64'" in capsys.readouterr().err
+
+
+def test_serve_runs_torch_on_the_configured_threads(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(
+        "service.cli.uvicorn.run", lambda app, **_: seen.append(torch.get_num_threads())
+    )
+    monkeypatch.setenv("S2META_REGISTRY", str(tmp_path))
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            monkeypatch.setenv("S2META_TORCH_THREADS", str(threads))
+            assert main(["serve"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 2]
 
 
 def test_help_lists_serve_beside_the_offline_commands(capsys):
