@@ -1,8 +1,29 @@
 #!/usr/bin/env bash
-# Prepared for a lent GPU machine (under 5 minutes): install, then the adaptation speed
-# benchmark on CUDA with 1,024 scenarios in one batch. Figures land in $OUT when set.
+# Prepared for a lent GPU machine, under 5 minutes once installed: the adaptation benchmark
+# on CUDA (1,024 scenarios in one batch) and the serving benchmark with the service on CUDA
+# (5 s per run at 1, 32 and 128 connections). Figures land in benchmarks/results/*_cuda.json
+# and, when $OUT is set, there too.
+#
+# Python: $S2META_PYTHON when set (an interpreter that already has s2meta's dependencies,
+# faiss-gpu among them, e.g. a machine with no package index), else .venv with the gpu extra.
+# The serving benchmark needs redis-server on PATH; without it that part is skipped, said so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/venv.sh gpu
-.venv/bin/python -m benchmarks.adaptation_speed --device cuda --batch-scenarios 1024 --repeats 20
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/adaptation_speed_cuda.json "$OUT/"; fi
+if [ -n "${S2META_PYTHON:-}" ]; then
+  python=$S2META_PYTHON
+  # The project itself, for the `s2meta` command beside that interpreter (no index needed).
+  "$python" -m pip install --quiet --no-deps --no-build-isolation -e .
+else
+  source scripts/venv.sh gpu,train,dev
+  python=.venv/bin/python
+fi
+export S2META_DEVICE=cuda
+"$python" -m benchmarks.adaptation_speed --device cuda --batch-scenarios 1024 --repeats 20
+results=(benchmarks/results/adaptation_speed_cuda.json)
+if command -v redis-server >/dev/null; then
+  "$python" -m benchmarks.serving_load --seconds 5 --levels 1,32,128 --name serving_load_cuda
+  results+=(benchmarks/results/serving_load_cuda.json)
+else
+  echo "gpu.sh: no redis-server on PATH: the serving benchmark is skipped" >&2
+fi
+if [ -n "${OUT:-}" ]; then cp "${results[@]}" "$OUT/"; fi

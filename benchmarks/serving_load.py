@@ -15,8 +15,9 @@ ratio is what carries over between machines, these ones being noisy); recommend 
 adaptations posted during the load against without; and the top level again with dynamic
 batching of recommends off (S2META_RECOMMEND_BATCH_MAX=1) against on.
 
-Prints a table and writes benchmarks/results/serving_load.json. Not part of the test run.
-Run: python -m benchmarks.serving_load [--seconds 10] [--levels 1,8,32]
+The service runs on the device S2META_DEVICE names (auto: CUDA when there is one).
+Prints a table and writes benchmarks/results/serving_load.json (--name). Not part of the
+test run. Run: python -m benchmarks.serving_load [--seconds 10] [--levels 1,8,32] [--profile]
 """
 
 import argparse
@@ -222,6 +223,9 @@ def main() -> int:
     parser.add_argument("--levels", default="1,8,32", help="concurrency levels (default 1,8,32)")
     parser.add_argument("--adapt-every", type=float, default=1.0, help="seconds (default 1)")
     parser.add_argument(
+        "--name", default="serving_load", help="results file name (default serving_load)"
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also profile the service (py-spy) during one more run at the top level",
@@ -327,7 +331,7 @@ def main() -> int:
         **({"profile": profile} if profile is not None else {}),
     }
     print_table(report)
-    write_report("serving_load", report)
+    write_report(args.name, report)
     return 0
 
 
