@@ -48,14 +48,17 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         1,
         ge=1,
-        description="torch's threads within one product (s2meta serve): parallelism comes "
-        "from concurrent batches and adaptations",
+        description="torch's threads within one product (s2meta serve); parallelism comes "
+        "from the event loop, the ranking batch and adaptations running side by side",
     )
     recommend_batch_max: int = Field(
         64, ge=1, description="concurrent recommends ranked together, at most (1: one by one)"
     )
+    # One: a second batch ranked beside the first contends for the GIL with it and with the
+    # event loop (benchmarks/serving_load.py: a longer tail, no more throughput); on a GPU,
+    # or with large pools, more can pay.
     recommend_batches: int = Field(
-        2, ge=1, description="batches of recommends ranked at once; more wait for the next"
+        1, ge=1, description="batches of recommends ranked at once; more wait for the next"
     )
     # The defaults: exact below 300,000 items; above, an inverted file over 1,024 lists
     # searching 96 of them (benchmarks/retrieval_scale.py: recall@100 against exact and
