@@ -33,11 +33,11 @@ from pathlib import Path
 import httpx
 import redis
 
-from benchmarks.report import DATA, write_report
-from benchmarks.soak import NAMESPACE, Stack, meta_test_scenarios
+from benchmarks.report import write_report
+from benchmarks.serving_load import POOL_RANGE, start_lastfm_stack
+from benchmarks.soak import NAMESPACE, Stack
 from service.store import RedisStore
 
-POOL_RANGE = (300, 1000)
 VARIANTS = ("interaction", "mapping", "hybrid")
 GIB = 2**30
 FIRST_HELD = 1000
@@ -126,15 +126,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="s2meta-memory-") as scratch:
         stack = Stack(Path(scratch), secrets.token_hex(16))
         try:
-            print("memory: training a meta learner (tiny budget, 64-dim) and publishing ...")
-            stack.start_redis()
-            stack.train_and_publish(DATA / "LastFM", embedding_dim=64)
-            stack.start_api()
-            scenarios = [
-                s
-                for s in meta_test_scenarios(stack.artifact, DATA / "LastFM", stack.cache)
-                if POOL_RANGE[0] <= len(s.body["candidates"]) <= POOL_RANGE[1]
-            ]
+            scenarios = start_lastfm_stack(stack, "memory")
             headers = {"Authorization": f"Bearer {stack.admin_token}"}
             users = {}
             for variant in VARIANTS:

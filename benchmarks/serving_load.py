@@ -38,7 +38,14 @@ import httpx
 import uvloop
 
 from benchmarks.report import DATA, write_report
-from benchmarks.soak import Stack, free_port, meta_test_scenarios, percentile, stop_process
+from benchmarks.soak import (
+    Scenario,
+    Stack,
+    free_port,
+    meta_test_scenarios,
+    percentile,
+    stop_process,
+)
 
 POOL_RANGE = (300, 1000)
 PROFILE_TOP = 25
@@ -104,6 +111,20 @@ async def generate(url: str, pairs: list[list[str]], concurrency: int, seconds: 
         "requests_per_s": len(latencies) / elapsed,
         "ms": {q: percentile(latencies, p) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))},
     }
+
+
+def start_lastfm_stack(stack: Stack, name: str) -> list[Scenario]:
+    """Redis, a meta learner trained on LastFM with a tiny budget (64-dim) and published, and
+    the API; the LastFM meta-test scenarios with pools in POOL_RANGE (not yet registered)."""
+    print(f"{name}: training a meta learner (tiny budget, 64-dim) and publishing ...")
+    stack.start_redis()
+    stack.train_and_publish(DATA / "LastFM", embedding_dim=64)
+    stack.start_api()
+    return [
+        s
+        for s in meta_test_scenarios(stack.artifact, DATA / "LastFM", stack.cache)
+        if POOL_RANGE[0] <= len(s.body["candidates"]) <= POOL_RANGE[1]
+    ]
 
 
 def run_generator(url: str, pairs: Path, concurrency: int, seconds: float) -> dict:
@@ -243,15 +264,7 @@ def main() -> int:
         stack = Stack(root, secrets.token_hex(16))
         bare = None
         try:
-            print("serving_load: training a meta learner (tiny budget, 64-dim) and publishing ...")
-            stack.start_redis()
-            stack.train_and_publish(DATA / "LastFM", embedding_dim=64)
-            stack.start_api()
-            scenarios = [
-                s
-                for s in meta_test_scenarios(stack.artifact, DATA / "LastFM", stack.cache)
-                if POOL_RANGE[0] <= len(s.body["candidates"]) <= POOL_RANGE[1]
-            ]
+            scenarios = start_lastfm_stack(stack, "serving_load")
             headers = {"Authorization": f"Bearer {stack.admin_token}"}
             for scenario in scenarios:
                 httpx.post(

@@ -76,9 +76,7 @@ def test_search_parameters_are_applied_and_trade_recall_for_work(pool):
 def test_the_default_settings_are_exact_below_the_minimum_pool_and_ivf_from_it(pool):
     vectors, queries = pool
     settings = Settings()
-    small = build_index(
-        vectors, settings.faiss_index, settings.faiss_search, len(vectors) + 1, CPU
-    )
+    small = build_index(vectors, settings.faiss_index, settings.faiss_search, len(vectors) + 1, CPU)
     _, positions = small.search(queries, 20)
     np.testing.assert_array_equal(positions, exact_top(vectors, queries, 20))
     large = np.random.default_rng(1).normal(size=(40_000, 16)).astype(np.float32)
