@@ -4,11 +4,13 @@ it in its adaptation workers, never on the event loop."""
 
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from safetensors.torch import save
 
+from model.learner import AdaptResult
 from model.scenario import ScenarioInput, adapt_scenarios
 from service.learners import LoadedVersion
 from service.store import ScenarioState
@@ -103,30 +105,77 @@ def adapt_registration(
 ) -> ScenarioState:
     """Adapt a recommender for the scenario with `loaded`'s meta learner; the record to store.
     Seeded by the registration's seed and the scenario id, so it is reproducible."""
-    start = time.perf_counter()
-    variant = registration.variant or loaded.artifact.default_variant
-    if variant not in loaded.artifact.learners:
-        raise AdaptationInputError(
-            f"variant {variant!r} is not in meta learner {loaded.version} "
-            f"(it has {sorted(loaded.artifact.learners)})"
+    (outcome,) = adapt_registrations(loaded, [(scenario_id, registration)], min_interactions)
+    if isinstance(outcome, AdaptationInputError):
+        raise outcome
+    return outcome
+
+
+def adapt_registrations(
+    loaded: LoadedVersion,
+    registrations: Sequence[tuple[str, Registration]],
+    min_interactions: int,
+) -> list[ScenarioState | AdaptationInputError]:
+    """Adapt many scenarios at once (after a hot reload, say): those with the same variant and
+    seed in one vmapped batch on the device. Each scenario's draws are seeded by its seed and
+    id alone, so it gets the adaptation it would get alone (to float rounding). Outcomes in
+    order: the record to store, or why the scenario cannot be adapted. A record's
+    duration_ms is its batch's."""
+    outcomes: dict[int, ScenarioState | AdaptationInputError] = {}
+    batches: dict[tuple[str, int], list[tuple[int, ResolvedScenario]]] = {}
+    for position, (scenario_id, registration) in enumerate(registrations):
+        variant = registration.variant or loaded.artifact.default_variant
+        try:
+            if variant not in loaded.artifact.learners:
+                raise AdaptationInputError(
+                    f"variant {variant!r} is not in meta learner {loaded.version} "
+                    f"(it has {sorted(loaded.artifact.learners)})"
+                )
+            resolved = resolve(loaded, scenario_id, registration, min_interactions)
+        except AdaptationInputError as error:
+            outcomes[position] = error
+            continue
+        batches.setdefault((variant, registration.seed), []).append((position, resolved))
+    for (variant, seed), batch in batches.items():
+        start = time.perf_counter()
+        learner = loaded.learner(variant)
+        result = adapt_scenarios(
+            learner.meta,
+            learner.config,
+            loaded.tables,
+            [resolved.scenario for _, resolved in batch],
+            seed,
         )
-    resolved = resolve(loaded, scenario_id, registration, min_interactions)
-    learner = loaded.learner(variant)
-    result = adapt_scenarios(
-        learner.meta, learner.config, loaded.tables, [resolved.scenario], registration.seed
-    )
-    steps = int(result.steps[0])
+        duration_ms = (time.perf_counter() - start) * 1000.0
+        for k, (position, resolved) in enumerate(batch):
+            registration = registrations[position][1]
+            outcomes[position] = _record(
+                loaded, variant, registration, resolved, result, k, duration_ms
+            )
+    return [outcomes[position] for position in range(len(registrations))]
+
+
+def _record(
+    loaded: LoadedVersion,
+    variant: str,
+    registration: Registration,
+    resolved: ResolvedScenario,
+    result: AdaptResult,
+    k: int,
+    duration_ms: float,
+) -> ScenarioState:
+    """The stored record of the k-th scenario of an adaptation batch."""
     popularity = Counter(item for _, item in resolved.used)
     meta: dict[str, object] = {
         "meta_learner": loaded.version,
         "variant": variant,
         "seed": registration.seed,
         "created_at": time.time(),
-        "steps": steps,
-        "stopped_by": "stop_controller" if bool(result.stopped_by_controller[0]) else "max_steps",
+        "steps": int(result.steps[k]),
+        "stopped_by": "stop_controller" if bool(result.stopped_by_controller[k]) else "max_steps",
         # The steps that ran: the loss at theta_{t-1} and p_t of step t.
-        "train_loss": [float(x) for x in result.train_loss[0].cpu()],
-        "stop_probability": [float(x) for x in result.stop_probability[0].cpu()],
+        "train_loss": [float(x) for x in result.train_loss[k].cpu()],
+        "stop_probability": [float(x) for x in result.stop_probability[k].cpu()],
         "used_interactions": len(resolved.used),
         "ignored": {
             "unknown_users": resolved.unknown_users,
@@ -138,12 +187,11 @@ def adapt_registration(
             "registered_candidates": len(registration.candidates),
             "users": len({user for user, _ in resolved.used}),
         },
-        "duration_ms": 0.0,
+        "duration_ms": duration_ms,
     }
-    meta["duration_ms"] = (time.perf_counter() - start) * 1000.0
     return ScenarioState(
         meta=meta,
-        params=save({"theta": result.theta[0].detach().cpu().contiguous()}),
+        params=save({"theta": result.theta[k].detach().cpu().contiguous()}),
         candidates=registration.candidates,
         interactions=registration.interactions,
         popularity=sorted(popularity.items(), key=lambda pair: (-pair[1], pair[0])),

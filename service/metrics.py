@@ -17,7 +17,7 @@ class ServiceMetrics:
         )
         self.adaptation_seconds = Histogram(
             "s2meta_adaptation_seconds",
-            "Scenario-specific learning time (one adaptation)",
+            "Scenario-specific learning time (one adaptation; trigger=reload: one batch)",
             ["trigger"],
             buckets=(*LATENCY_BUCKETS, 30.0, 60.0),
             registry=self.registry,
@@ -91,6 +91,11 @@ class ServiceMetrics:
         self.readapt_backlog = Gauge(
             "s2meta_readapt_backlog",
             "Scenarios still adapted by an older meta learner than the current one",
+            registry=self.registry,
+        )
+        self.readaptations = Counter(
+            "s2meta_readaptations",
+            "Scenarios re-adapted with a newer meta learner by this replica (revision written)",
             registry=self.registry,
         )
         self.meta_learner = Gauge(

@@ -9,7 +9,13 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from model.artifact import PUBLISHED_EVENT
-from service.adaptation import AdaptationInputError, Registration, adapt_registration, registration
+from service.adaptation import (
+    AdaptationInputError,
+    Registration,
+    adapt_registration,
+    adapt_registrations,
+    registration,
+)
 from service.batching import RecommendBatcher
 from service.learners import LoadedVersion, MetaLearners
 from service.metrics import ServiceMetrics
@@ -33,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 LIST_PAGE = 500
 EVENTS_RETRY_S = 5.0  # the most a lost event subscription waits before subscribing again
+
+
+Adapted = ScenarioState | AdaptationInputError  # one scenario's outcome
 
 
 class ScenarioNotFoundError(LookupError):
@@ -96,15 +105,18 @@ class ScenarioService:
             raise QueueFullError(f"{self._in_flight} adaptations are running or queued")
         chosen_seed = self.settings.adapt_seed if seed is None else seed
 
-        def run() -> ScenarioState:
-            return adapt_registration(
-                loaded,
-                scenario_id,
-                registration(interactions, candidates, variant, chosen_seed),
-                self.settings.min_interactions,
-            )
+        def run() -> list[Adapted]:
+            return [
+                adapt_registration(
+                    loaded,
+                    scenario_id,
+                    registration(interactions, candidates, variant, chosen_seed),
+                    self.settings.min_interactions,
+                )
+            ]
 
-        state = await self._run_adaptation(run, trigger="request")
+        (state,) = await self._run_adaptations(run, trigger="request")
+        assert isinstance(state, ScenarioState)  # adapt_registration raises the errors
         revision = await self.store.put(scenario_id, state)
         # Our own write is known at once, without waiting for its announcement to come back.
         self.revisions.announced(scenario_id)
@@ -124,21 +136,26 @@ class ScenarioService:
                 f"{len(candidates)} candidates, at most {self.settings.max_candidates}"
             )
 
-    async def _run_adaptation(
-        self, work: Callable[[], ScenarioState], trigger: str
-    ) -> ScenarioState:
+    async def _run_adaptations(
+        self, work: Callable[[], list[Adapted]], trigger: str
+    ) -> list[Adapted]:
+        """Run one adaptation or one batch of them in the adaptation pool (a batch holds one
+        worker, so it counts once in flight)."""
         self._in_flight += 1
         self.metrics.adaptations_in_flight.set(self._in_flight)
         try:
             start = time.perf_counter()
-            state = await asyncio.get_running_loop().run_in_executor(self._adapt_pool, work)
+            outcomes = await asyncio.get_running_loop().run_in_executor(self._adapt_pool, work)
         finally:
             self._in_flight -= 1
             self.metrics.adaptations_in_flight.set(self._in_flight)
         self.metrics.adaptation_seconds.labels(trigger=trigger).observe(time.perf_counter() - start)
-        self.metrics.adaptation_steps.observe(float(state.meta["steps"]))  # type: ignore[arg-type]
-        self.metrics.stop_reasons.labels(reason=str(state.meta["stopped_by"])).inc()
-        return state
+        for state in outcomes:
+            if isinstance(state, ScenarioState):
+                steps = float(state.meta["steps"])  # type: ignore[arg-type]
+                self.metrics.adaptation_steps.observe(steps)
+                self.metrics.stop_reasons.labels(reason=str(state.meta["stopped_by"])).inc()
+        return outcomes
 
     async def recommend(
         self, scenario_id: str, user: str, n: int, exclude_seen: bool
@@ -318,9 +335,10 @@ class ScenarioService:
 
     async def readapt_stale(self, current: LoadedVersion) -> None:
         """Re-adapt, from its stored interactions, every scenario adapted by an older meta
-        learner: each once across all replicas (a store lock per scenario and version), the
-        new revision written only if the scenario did not change meanwhile. Until then each
-        scenario keeps serving its revision (its meta learner stays loaded)."""
+        learner, up to S2META_READAPT_BATCH of them in one batch on the device: each once
+        across all replicas (a store lock per scenario and version), the new revision written
+        only if the scenario did not change meanwhile. Until then each scenario keeps serving
+        its revision (its meta learner stays loaded)."""
         async with self._sweep_lock:
             stale = [
                 str(meta["scenario"])
@@ -328,17 +346,10 @@ class ScenarioService:
                 if meta["meta_learner"] != current.version
             ]
             self.metrics.readapt_backlog.set(len(stale))
-            for scenario_id in stale:
-                if (scenario_id, current.version) in self._failed_readapts:
-                    continue
-                lock = f"readapt:{scenario_id}:{current.version}"
-                token = await self.store.acquire_lock(lock, self.settings.readapt_lock_s)
-                if token is None:
-                    continue  # another replica is on it
-                try:
-                    await self._readapt(scenario_id, current)
-                finally:
-                    await self.store.release_lock(lock, token)
+            todo = [s for s in stale if (s, current.version) not in self._failed_readapts]
+            size = self.settings.readapt_batch
+            for start in range(0, len(todo), size):
+                await self._readapt(todo[start : start + size], current)
             referenced = set()
             backlog = 0
             async for meta in self._all_meta():
@@ -349,44 +360,67 @@ class ScenarioService:
             if dropped:
                 logger.info("unloaded meta learners no scenario uses: %s", dropped)
 
-    async def _readapt(self, scenario_id: str, current: LoadedVersion) -> None:
-        stored = await self.store.get(scenario_id)
-        if stored is None or stored.state.meta["meta_learner"] == current.version:
-            return
-        meta = stored.state.meta
-        variant = str(meta["variant"])
-        registered = Registration(
-            interactions=stored.state.interactions,
-            candidates=stored.state.candidates,
-            variant=variant if variant in current.artifact.learners else None,
-            seed=int(meta["seed"]),  # type: ignore[call-overload]
-        )
-
-        def run() -> ScenarioState:
-            return adapt_registration(
-                current, scenario_id, registered, self.settings.min_interactions
-            )
-
+    async def _readapt(self, scenario_ids: list[str], current: LoadedVersion) -> None:
+        """Re-adapt these scenarios together, those no other replica has taken."""
+        locks: dict[str, str] = {}
         try:
-            state = await self._run_adaptation(run, trigger="reload")
-        except AdaptationInputError as error:
-            self._failed_readapts.add((scenario_id, current.version))
-            logger.warning(
-                "scenario %s stays on %s: cannot re-adapt with %s: %s",
-                scenario_id,
-                meta["meta_learner"],
-                current.version,
-                error,
+            for scenario_id in scenario_ids:
+                lock = f"readapt:{scenario_id}:{current.version}"
+                token = await self.store.acquire_lock(lock, self.settings.readapt_lock_s)
+                if token is not None:  # else another replica is on it
+                    locks[scenario_id] = token
+            work: list[tuple[str, StoredScenario]] = []
+            for scenario_id in locks:
+                stored = await self.store.get(scenario_id)
+                if stored is not None and stored.state.meta["meta_learner"] != current.version:
+                    work.append((scenario_id, stored))
+            if work:
+                await self._readapt_batch(work, current)
+        finally:
+            for scenario_id, token in locks.items():
+                await self.store.release_lock(f"readapt:{scenario_id}:{current.version}", token)
+
+    async def _readapt_batch(
+        self, work: list[tuple[str, StoredScenario]], current: LoadedVersion
+    ) -> None:
+        registrations = []
+        for scenario_id, stored in work:
+            meta = stored.state.meta
+            variant = str(meta["variant"])
+            registered = Registration(
+                interactions=stored.state.interactions,
+                candidates=stored.state.candidates,
+                variant=variant if variant in current.artifact.learners else None,
+                seed=int(meta["seed"]),  # type: ignore[call-overload]
             )
-            return
-        revision = await self.store.put(scenario_id, state, expected_revision=stored.revision)
-        self.revisions.announced(scenario_id)
-        if revision is None:
-            logger.info("scenario %s changed during its re-adaptation; kept the newer", scenario_id)
-        else:
-            logger.info(
-                "scenario %s re-adapted with %s: revision %d",
-                scenario_id,
-                current.version,
-                revision,
-            )
+            registrations.append((scenario_id, registered))
+
+        def run() -> list[Adapted]:
+            return adapt_registrations(current, registrations, self.settings.min_interactions)
+
+        outcomes = await self._run_adaptations(run, trigger="reload")
+        for (scenario_id, stored), outcome in zip(work, outcomes, strict=True):
+            if isinstance(outcome, AdaptationInputError):
+                self._failed_readapts.add((scenario_id, current.version))
+                logger.warning(
+                    "scenario %s stays on %s: cannot re-adapt with %s: %s",
+                    scenario_id,
+                    stored.state.meta["meta_learner"],
+                    current.version,
+                    outcome,
+                )
+                continue
+            revision = await self.store.put(scenario_id, outcome, expected_revision=stored.revision)
+            self.revisions.announced(scenario_id)
+            if revision is None:
+                logger.info(
+                    "scenario %s changed during its re-adaptation; kept the newer", scenario_id
+                )
+            else:
+                self.metrics.readaptations.inc()
+                logger.info(
+                    "scenario %s re-adapted with %s: revision %d",
+                    scenario_id,
+                    current.version,
+                    revision,
+                )

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
         300_000, ge=0, description="pools smaller than this use the exact Flat index"
     )
     reload_poll_s: float = Field(5.0, gt=0, description="registry polling interval")
+    readapt_batch: int = Field(
+        64, ge=1, description="stale scenarios re-adapted together after a hot reload"
+    )
     readapt_lock_s: int = Field(600, ge=1, description="how long a re-adaptation lock lives")
 
     @field_validator("redis_url", "admin_token", "read_token", mode="before")

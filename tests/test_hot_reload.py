@@ -27,9 +27,10 @@ async def wait_for(condition, timeout_s: float = 30.0, what: str = "condition") 
 
 
 def held_first_call(monkeypatch) -> threading.Event:
-    """Hold the first adaptation until the returned event is set; later ones run freely."""
+    """Hold the first batch of re-adaptations until the returned event is set; later ones
+    (and adaptations a client asks for) run freely."""
     release = threading.Event()
-    real = scenarios_module.adapt_registration
+    real = scenarios_module.adapt_registrations
     calls = []
 
     def adaptation(*args, **kwargs):
@@ -38,7 +39,7 @@ def held_first_call(monkeypatch) -> threading.Event:
             release.wait(timeout=60)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(scenarios_module, "adapt_registration", adaptation)
+    monkeypatch.setattr(scenarios_module, "adapt_registrations", adaptation)
     return release
 
 
@@ -86,6 +87,25 @@ async def test_polling_reload_serves_old_revision_until_readapted(
         metrics = (await client.get("/metrics")).text
         assert "s2meta_readapt_backlog 0.0" in metrics
         assert 's2meta_meta_learner_loaded{version="v0002"} 1.0' in metrics
+
+
+async def test_stale_scenarios_are_readapted_in_batches(trained, registry, lastfm_scenario):
+    settings = Settings(registry=registry, reload_poll_s=0.1, readapt_batch=2)
+    async with running(settings) as (app, client):
+        for name in ("a", "b", "c"):
+            await client.post(f"/scenarios/{name}/adapt", json=lastfm_scenario.body())
+        publish(trained[0], registry)
+
+        async def all_readapted() -> bool:
+            page = (await client.get("/scenarios")).json()["scenarios"]
+            return all(s["meta_learner"] == "v0002" for s in page)
+
+        await wait_for(all_readapted, what="every scenario re-adapted")
+        page = (await client.get("/scenarios")).json()["scenarios"]
+        assert [s["revision"] for s in page] == [2, 2, 2]
+        sample = app.state.metrics.registry.get_sample_value
+        assert sample("s2meta_adaptation_seconds_count", {"trigger": "reload"}) == 2  # 2 + 1
+        assert sample("s2meta_readaptations_total") == 3
 
 
 async def test_a_newer_client_revision_wins_over_a_late_readaptation(
@@ -161,14 +181,11 @@ async def test_redis_notification_reloads_every_replica_and_readapts_once(
         await wait_for(all_readapted, what="both replicas on v0002, every scenario re-adapted")
         page = (await first.get("/scenarios")).json()["scenarios"]
         assert [s["revision"] for s in page] == [2, 2, 2]  # each re-adapted exactly once
-        reloads = [
-            app.state.metrics.registry.get_sample_value(
-                "s2meta_adaptation_seconds_count", {"trigger": "reload"}
-            )
-            or 0.0
+        readapted = [
+            app.state.metrics.registry.get_sample_value("s2meta_readaptations_total") or 0.0
             for app in (first_app, second_app)
         ]
-        assert sum(reloads) == 3  # across both replicas, once per scenario
+        assert sum(readapted) == 3  # across both replicas, once per scenario
     client_redis.close()
 
 
