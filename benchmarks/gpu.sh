@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepared for a lent GPU machine, under 5 minutes once installed: the adaptation benchmark
-# on CUDA (1,024 scenarios in one batch) and the serving benchmark with the service on CUDA
-# (5 s per run at 1, 32 and 128 connections). Figures land in benchmarks/results/*_cuda.json
+# on CUDA (1,024 scenarios in one batch), and with the service on CUDA the serving benchmark
+# (5 s per run at 1, 32 and 128 connections) and re-adaptation after a hot reload (1,024
+# scenarios, batches of 1 and 256). Figures land in benchmarks/results/*_cuda.json
 # and, when $OUT is set, there too.
 #
 # Python: $S2META_PYTHON when set (an interpreter that already has s2meta's dependencies,
@@ -22,8 +23,9 @@ export S2META_DEVICE=cuda
 results=(benchmarks/results/adaptation_speed_cuda.json)
 if command -v redis-server >/dev/null; then
   "$python" -m benchmarks.serving_load --seconds 5 --levels 1,32,128 --name serving_load_cuda
-  results+=(benchmarks/results/serving_load_cuda.json)
+  "$python" -m benchmarks.readapt --scenarios 1024 --batches 1,256 --name readapt_cuda
+  results+=(benchmarks/results/serving_load_cuda.json benchmarks/results/readapt_cuda.json)
 else
-  echo "gpu.sh: no redis-server on PATH: the serving benchmark is skipped" >&2
+  echo "gpu.sh: no redis-server on PATH: the service benchmarks are skipped" >&2
 fi
 if [ -n "${OUT:-}" ]; then cp "${results[@]}" "$OUT/"; fi
