@@ -147,8 +147,9 @@ class AdaptedRecommender:
 
     def _popular(self, request: RankRequest) -> Ranked:
         excluded = self._excluded(request)
+        # Lazily: on a large pool only the first n items that are not excluded are read.
         order = itertools.islice(
-            (k for k in self.popular_order.tolist() if k not in excluded), request.n
+            (k for k in map(int, self.popular_order) if k not in excluded), request.n
         )
         return Ranked("popular", [(self.pool_ids[k], float(self.popular_counts[k])) for k in order])
 
