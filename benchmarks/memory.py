@@ -34,7 +34,7 @@ import httpx
 import redis
 
 from benchmarks.report import write_report
-from benchmarks.serving_load import POOL_RANGE, start_lastfm_stack
+from benchmarks.serving_load import POOL_RANGE, register, start_lastfm_stack
 from benchmarks.soak import NAMESPACE, Stack
 from service.store import RedisStore
 
@@ -127,18 +127,10 @@ def main() -> int:
         stack = Stack(Path(scratch), secrets.token_hex(16))
         try:
             scenarios = start_lastfm_stack(stack, "memory")
-            headers = {"Authorization": f"Bearer {stack.admin_token}"}
             users = {}
             for variant in VARIANTS:
-                for scenario in scenarios:
-                    name = f"{variant}-{scenario.scenario_id}"
-                    httpx.post(
-                        f"{stack.base_url}/scenarios/{name}/adapt",
-                        json={**scenario.body, "variant": variant},
-                        headers=headers,
-                        timeout=120,
-                    ).raise_for_status()
-                    users[name] = scenario.users[0]
+                ids = register(stack, scenarios, variant)
+                users |= {name: s.users[0] for name, s in zip(ids, scenarios, strict=True)}
             config = json.loads((stack.artifact / "config.json").read_text())
             default_variant = config["default_variant"]
             stack.stop_api()

@@ -27,7 +27,7 @@ import httpx
 
 from benchmarks.memory import copy_scenarios
 from benchmarks.report import write_report
-from benchmarks.serving_load import start_lastfm_stack
+from benchmarks.serving_load import register, start_lastfm_stack
 from benchmarks.soak import Stack, run
 
 
@@ -62,14 +62,7 @@ def main() -> int:
         stack = Stack(Path(scratch), secrets.token_hex(16))
         try:
             scenarios = start_lastfm_stack(stack, "readapt")
-            headers = {"Authorization": f"Bearer {stack.admin_token}"}
-            for scenario in scenarios:
-                httpx.post(
-                    f"{stack.base_url}/scenarios/{scenario.scenario_id}/adapt",
-                    json=scenario.body,
-                    headers=headers,
-                    timeout=120,
-                ).raise_for_status()
+            register(stack, scenarios)
             sources = [s.scenario_id for s in scenarios]
             copies = args.scenarios - len(sources)
             asyncio.run(copy_scenarios(stack.redis_url, sources, copies))

@@ -127,6 +127,21 @@ def start_lastfm_stack(stack: Stack, name: str) -> list[Scenario]:
     ]
 
 
+def register(stack: Stack, scenarios: list[Scenario], variant: str | None = None) -> list[str]:
+    """Adapt the scenarios through the API (as `<variant>-<id>` when a variant is given);
+    their ids."""
+    ids = []
+    for scenario in scenarios:
+        ids.append(f"{variant}-{scenario.scenario_id}" if variant else scenario.scenario_id)
+        httpx.post(
+            f"{stack.base_url}/scenarios/{ids[-1]}/adapt",
+            json={**scenario.body, "variant": variant},
+            headers={"Authorization": f"Bearer {stack.admin_token}"},
+            timeout=120,
+        ).raise_for_status()
+    return ids
+
+
 def run_generator(url: str, pairs: Path, concurrency: int, seconds: float) -> dict:
     """The generator in a process of its own, so it does not share the server's."""
     command = [sys.executable, "-m", "benchmarks.serving_load", "generate", url, str(pairs)]
@@ -265,14 +280,7 @@ def main() -> int:
         bare = None
         try:
             scenarios = start_lastfm_stack(stack, "serving_load")
-            headers = {"Authorization": f"Bearer {stack.admin_token}"}
-            for scenario in scenarios:
-                httpx.post(
-                    f"{stack.base_url}/scenarios/{scenario.scenario_id}/adapt",
-                    json=scenario.body,
-                    headers=headers,
-                    timeout=120,
-                ).raise_for_status()
+            register(stack, scenarios)
             pairs = [[u, s.scenario_id] for s in scenarios for u in s.users]
             pairs_path = root / "pairs.json"
             pairs_path.write_text(json.dumps(pairs))
