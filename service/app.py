@@ -35,8 +35,8 @@ logger = logging.getLogger(__name__)
 class RequestLatency:
     """s2meta_request_seconds by method, route template and status. Plain ASGI rather than
     `@app.middleware("http")`, whose wrapper (a task group and a streamed copy of every
-    response) cost more than a whole recommend's own work (benchmarks/serving_load.py
-    --profile). An error that escapes the app counts as 500 and propagates."""
+    response) stood out in the profile under load (benchmarks/serving_load.py --profile).
+    An error that escapes the app counts as 500 and propagates."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
         self.app = app
@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         service.start()
         # What start-up loaded (torch, the meta learner, the app) lives as long as the process:
         # out of the collector's sight, a full collection under load no longer walks it
-        # (those pauses were most of the recommend p99 in benchmarks/serving_load.py).
+        # (under load those pauses made most of the recommend p99's tail).
         gc.freeze()
         try:
             yield

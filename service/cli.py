@@ -52,8 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     # Splitting a recommend's small products over threads costs more than it saves, and the
-    # threads contend with the event loop and the other batch: half the throughput at 32
-    # connections with torch's default of one thread per core (benchmarks/serving_load.py).
+    # threads contend with the event loop: with torch's default of one thread per core,
+    # profiled load runs at 32 connections served about half as many requests.
     torch.set_num_threads(settings.torch_threads)
     uvicorn.run(
         create_app(settings),
