@@ -9,7 +9,8 @@ once per recommender variant.
 - Redis: MEMORY USAGE of each scenario's keys (the record hash and its revision counter),
   median per variant; and, as a cross-check, the growth of Redis's used_memory over the
   10,000 scenarios below, per scenario (it also counts the index of scenario ids).
-- In process: the default variant's adapted scenarios copied under 10,000 ids (the stored
+- In process, for the default variant and for the mapping variant (its FAISS index), each
+  in a run of its own: that variant's adapted scenarios copied under 10,000 ids (the stored
   records as the adaptation wrote them; copying instead of adapting 10,000 times changes no
   sizes, and adaptation speed is benchmarks/adaptation_speed.py's), then the service, with
   room for all of them in its cache (S2META_CACHE_SCENARIOS), asked one recommend per

@@ -90,14 +90,20 @@ def item_vector(spec: RecommenderSpec, params: Params, item: Tensor) -> Tensor:
     return item + _apply_mlp(params, "item_tower", item, len(spec.tower_widths()) - 1)
 
 
+def pool_first_layer(params: Params, pool: Tensor) -> Tensor:
+    """Interaction and hybrid variants: the pool's half of the MLP's first layer, [P, D] from
+    pool [P, D]. It does not depend on the user, so serving computes it once per adapted
+    scenario rather than per request."""
+    return pool @ params["mlp.0.weight"][pool.shape[-1] :]
+
+
 def _first_layer_halves(params: Params, user: Tensor, item: Tensor) -> tuple[Tensor, Tensor]:
     """The MLP's first layer on [e_u, e_i] split into its user and item halves,
     [e_u, e_i] @ W + b = (e_u @ W_u + b) + e_i @ W_i: a user's half is computed once for all
     the items it meets (both items of a triple, a whole pool), and the first layer is three
     quarters of the MLP's work."""
-    weight = params["mlp.0.weight"]
-    d = user.shape[-1]
-    return user @ weight[:d] + params["mlp.0.bias"], item @ weight[d:]
+    user_half = user @ params["mlp.0.weight"][: user.shape[-1]] + params["mlp.0.bias"]
+    return user_half, pool_first_layer(params, item)
 
 
 def _mlp_variant_scores(
@@ -149,13 +155,6 @@ def hinge_loss(
             spec, params, user_half + negative_half, (user * negative).sum(-1), negative_pop
         )
     return torch.relu(1.0 - margin).mean()
-
-
-def pool_first_layer(params: Params, pool: Tensor) -> Tensor:
-    """Interaction and hybrid variants: the pool's half of the MLP's first layer, [P, D] from
-    pool [P, D]. It does not depend on the user, so serving computes it once per adapted
-    scenario rather than per request."""
-    return pool @ params["mlp.0.weight"][pool.shape[-1] :]
 
 
 def score_pool(

@@ -55,14 +55,14 @@ class Settings(BaseSettings):
         64, ge=1, description="concurrent recommends ranked together, at most (1: one by one)"
     )
     # One: a second batch ranked beside the first contends for the GIL with it and with the
-    # event loop (benchmarks/serving_load.py: a longer tail, no more throughput); on a GPU,
-    # or with large pools, more can pay.
+    # event loop (profiled load runs: a longer tail, no more throughput); on a GPU, or with
+    # large pools, more can pay.
     recommend_batches: int = Field(
         1, ge=1, description="batches of recommends ranked at once; more wait for the next"
     )
     # The defaults: exact below 300,000 items; above, an inverted file over 1,024 lists
     # searching 96 of them (benchmarks/retrieval_scale.py: recall@100 against exact and
-    # speed-up over exact torch scoring at 10k/100k/1M items).
+    # speed-up over exact torch scoring at 10k/100k/300k/1M items).
     faiss_index: str = Field(
         "IVF1024,Flat",
         description="FAISS index factory string for mapping-variant pools of faiss_min_pool+",
