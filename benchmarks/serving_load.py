@@ -102,13 +102,16 @@ async def generate(url: str, pairs: list[list[str]], concurrency: int, seconds: 
         finally:
             writer.close()
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
     elapsed = time.perf_counter() - started
     return {
         "requests": len(latencies),
         "failures": failures,
         "requests_per_s": len(latencies) / elapsed,
+        "generator_cpu_ms_per_request": (time.process_time() - cpu_started)
+        * 1000
+        / max(1, len(latencies)),
         "ms": {q: percentile(latencies, p) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))},
     }
 
@@ -142,12 +145,25 @@ def register(stack: Stack, scenarios: list[Scenario], variant: str | None = None
     return ids
 
 
-def run_generator(url: str, pairs: Path, concurrency: int, seconds: float) -> dict:
-    """The generator in a process of its own, so it does not share the server's."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    # utime and stime are the stat file's 14th and 15th fields, in clock ticks.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_generator(url: str, pairs: Path, concurrency: int, seconds: float, server_pid: int) -> dict:
+    """The generator in a process of its own, so it does not share the server's; its figures
+    and the server's CPU time per request over the run (how far from a whole core each
+    stays on two cores shared with the generator)."""
     command = [sys.executable, "-m", "benchmarks.serving_load", "generate", url, str(pairs)]
     command += ["--concurrency", str(concurrency), "--seconds", str(seconds)]
+    server_cpu = cpu_seconds(server_pid)
     done = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
+    figures = json.loads(done.stdout)
+    server_cpu = cpu_seconds(server_pid) - server_cpu
+    figures["server_cpu_ms_per_request"] = server_cpu * 1000 / max(1, figures["requests"])
+    return figures
 
 
 def start_bare(port: int, log: Path) -> subprocess.Popen:
@@ -200,7 +216,7 @@ def profile_during_load(
     command += ["--nonblocking", "--output", str(raw)]
     spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(1)  # py-spy attached
-    figures = run_generator(url, pairs, concurrency, seconds - 1)
+    figures = run_generator(url, pairs, concurrency, seconds - 1, api_pid)
     _, errors = spy.communicate(timeout=60)
     if spy.returncode != 0:
         raise RuntimeError(f"py-spy failed: {errors[-2000:]}")
@@ -229,12 +245,16 @@ def _function(frame: str) -> str:
 
 
 def print_table(figures: dict) -> None:
-    print(f"{'target':<24}{'conc.':>6}{'req/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}")
+    print(
+        f"{'target':<24}{'conc.':>6}{'req/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
+        f"{'server CPU ms/req':>19}{'generator CPU ms/req':>22}"
+    )
     for row in figures["runs"]:
         ms = row["ms"]
         print(
             f"{row['target']:<24}{row['concurrency']:>6}{row['requests_per_s']:>10.0f}"
             f"{ms['p50']:>9.1f}{ms['p95']:>9.1f}{ms['p99']:>9.1f}"
+            f"{row['server_cpu_ms_per_request']:>19.3f}{row['generator_cpu_ms_per_request']:>22.3f}"
         )
     for level, share in figures["service_share_of_bare"].items():
         print(f"service throughput / bare at concurrency {level}: {share:.1%}")
@@ -293,8 +313,11 @@ def main() -> int:
             )
             runs = []
             for level in levels:
-                for target, url in (("service", stack.base_url), ("bare FastAPI", bare_url)):
-                    figures = run_generator(url, pairs_path, level, args.seconds)
+                for target, url, pid in (
+                    ("service", stack.base_url, stack.api.pid),
+                    ("bare FastAPI", bare_url, bare.pid),
+                ):
+                    figures = run_generator(url, pairs_path, level, args.seconds, pid)
                     runs.append({"target": target, "concurrency": level, **figures})
             stop = threading.Event()
             adapt_ms: list[float] = []
@@ -310,7 +333,7 @@ def main() -> int:
             poster = threading.Thread(target=adapt_in_background)
             poster.start()
             top = max(levels)
-            figures = run_generator(stack.base_url, pairs_path, top, args.seconds)
+            figures = run_generator(stack.base_url, pairs_path, top, args.seconds, stack.api.pid)
             stop.set()
             poster.join()
             runs.append({"target": "service + adaptations", "concurrency": top, **figures})
@@ -324,7 +347,7 @@ def main() -> int:
             # The same service with dynamic batching off: each recommend ranked alone.
             stack.stop_api()
             stack.start_api({"S2META_RECOMMEND_BATCH_MAX": "1"})
-            figures = run_generator(stack.base_url, pairs_path, top, args.seconds)
+            figures = run_generator(stack.base_url, pairs_path, top, args.seconds, stack.api.pid)
             runs.append({"target": "service, batching off", "concurrency": top, **figures})
         finally:
             if bare is not None:

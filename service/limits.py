@@ -46,6 +46,14 @@ def declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return int(value) if len(value) <= 18 else 10**18
 
 
+def _bodiless_http1(scope: Scope) -> bool:
+    """An HTTP/1.x request with neither Content-Length nor Transfer-Encoding has no body
+    (RFC 9112, 6.3). HTTP/2 streams a body without either, so it is always counted."""
+    return scope.get("http_version") in ("1.0", "1.1") and not any(
+        name.lower() == b"transfer-encoding" for name, _ in scope["headers"]
+    )
+
+
 class BodySizeLimit:
     """Refuse request bodies over `max_bytes` with 413, without reading them whole."""
 
@@ -65,6 +73,10 @@ class BodySizeLimit:
             return
         if length is not None and length > self.max_bytes:
             await refuse(send, 413, too_large)
+            return
+        if length is None and _bodiless_http1(scope):
+            # Nothing to count (a GET, say), and the hot path (recommend) skips the wrappers.
+            await self.app(scope, receive, send)
             return
 
         received = 0

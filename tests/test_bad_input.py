@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 from conftest import REDIS_URL, running
+from starlette.types import Message, Receive, Scope, Send
 
+from service.limits import BodySizeLimit
 from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -103,6 +105,42 @@ async def test_oversized_chunked_body_is_413_as_soon_as_it_passes_the_limit(regi
             adapt_url, content=Chunks(2048), headers={"Content-Type": "application/json"}
         )
         assert response.status_code == 422, response.text
+
+
+@pytest.mark.parametrize("http_version", ["1.1", "2"])
+async def test_a_body_without_length_headers_is_counted_unless_http1_says_there_is_none(
+    http_version,
+):
+    """HTTP/1.1 without Content-Length or Transfer-Encoding has no body, so the request goes
+    through as it is; HTTP/2 streams a body without either, and it is still counted."""
+    pulled: list[bytes] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while (message := await receive())["type"] == "http.request":
+            pulled.append(message["body"])
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    chunks = iter([b"x" * 700, b"x" * 700, b""])
+
+    async def receive() -> Message:
+        body = next(chunks)
+        return {"type": "http.request", "body": body, "more_body": bool(body)}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "http_version": http_version, "method": "GET", "headers": []}
+    await BodySizeLimit(app, max_bytes=1024)(scope, receive, send)
+    status = sent[0]["status"]
+    if http_version == "1.1":
+        assert status == 200 and len(pulled) == 3  # the app got the stream untouched
+    else:
+        assert status == 413 and len(pulled) == 1  # cut when the count passed 1 KiB
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "+5", "1.5", "5, 5", "0x10", ""])

@@ -11,6 +11,7 @@ from conftest import running
 
 from model.artifact import current_version
 from model.errors import ArtifactError
+from service.app import create_app
 from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -50,6 +51,19 @@ async def test_read_token_and_admin_token_guard_their_routes(registry, lastfm_sc
     assert 's2meta_auth_failures_total{reason="wrong",role="admin"} 1.0' in metrics
     assert ADMIN not in caplog.text and READ not in caplog.text
     assert ADMIN not in repr(settings) and READ not in str(dataclasses.asdict(_Shown(settings)))
+
+
+def test_openapi_declares_each_routes_token(tmp_path):
+    """The read routes take the bearer token or none (open unless a read token is set), the
+    admin routes the bearer token; recommend, which checks its token without a dependency,
+    declares the same as the other read routes."""
+    paths = create_app(Settings(registry=tmp_path)).openapi()["paths"]
+    read, admin = [{"HTTPBearer": []}, {}], [{"HTTPBearer": []}]
+    assert paths["/recommend"]["get"]["security"] == read
+    assert paths["/scenarios"]["get"]["security"] == read
+    assert paths["/scenarios/{scenario_id}"]["get"]["security"] == read
+    assert paths["/scenarios/{scenario_id}"]["delete"]["security"] == admin
+    assert paths["/scenarios/{scenario_id}/adapt"]["post"]["security"] == admin
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ from conftest import REDIS_URL, running
 from model.artifact import load_artifact
 from model.scenario import ScenarioInput, adapt_scenarios, score_scenario
 from service import scenarios as scenarios_module
+from service.schemas import RecommendResponse
 from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -79,7 +80,10 @@ async def test_adapt_then_recommend_equals_the_model_code(
             "/recommend", params={"user": scenario.eval_user, "scenario": scenario.scenario_id}
         )
         assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/json"
         served = response.json()
+        # The route encodes its answer itself: it must still be the documented one, exactly.
+        assert RecommendResponse.model_validate_json(response.content).model_dump() == served
         assert served["source"] == "adapted" and served["revision"] == 1
         assert served["meta_learner"] == "v0001" and served["user"] == scenario.eval_user
         assert [i["item"] for i in served["items"]] == [item for item, _ in ranking[:10]]
