@@ -2,22 +2,24 @@
 side in one run, at fixed concurrency levels; and the service again while adaptations are
 posted during the load.
 
-The service runs as deployed (`s2meta serve`, one process, over Redis with its append-only
-file), with a meta learner trained on LastFM with a tiny budget (64-dim embeddings) and the
-LastFM meta-test scenarios whose pools hold 300 to 1,000 candidates registered first. The bare
-endpoint (benchmarks/bare_app.py) answers a constant JSON of the same shape and size under
-uvicorn with the same settings (uvloop and httptools, as `s2meta serve`). The load generator
-is a separate process on loopback (asyncio on uvloop with plain HTTP/1.1, one keep-alive
-connection per concurrent worker, bounded in time), each request a random (evaluation user,
-scenario) pair. Reported per target and level: requests/s and
-p50/p95/p99 latency in ms; the service's throughput as a share of the bare endpoint's (the
-ratio is what carries over between machines, these ones being noisy); recommend p99 with
-adaptations posted during the load against without; and the top level again with dynamic
-batching of recommends off (S2META_RECOMMEND_BATCH_MAX=1) against on.
+The service runs as deployed (`s2meta serve` over Redis with its append-only file, --workers
+server processes, default one), with a meta learner trained on LastFM with a tiny budget
+(64-dim embeddings) and the LastFM meta-test scenarios whose pools hold 300 to 1,000
+candidates registered first. The bare endpoint (benchmarks/bare_app.py) answers a constant
+JSON of the same shape and size under uvicorn with the same settings (uvloop and httptools,
+as `s2meta serve`, and as many worker processes). The load generator is a separate process
+on loopback (asyncio on uvloop with plain HTTP/1.1, one keep-alive connection per concurrent
+worker, bounded in time), each request a random (evaluation user, scenario) pair. Reported
+per target and level: requests/s, p50/p95/p99 latency in ms, and the CPU time per request of
+the server's processes and of the generator; the service's throughput as a share of the bare
+endpoint's (the ratio is what carries over between machines, these ones being noisy);
+recommend p99 with adaptations posted during the load against without; and the top level
+again with dynamic batching of recommends off (S2META_RECOMMEND_BATCH_MAX=1) against on.
 
 The service runs on the device S2META_DEVICE names (auto: CUDA when there is one).
 Prints a table and writes benchmarks/results/serving_load.json (--name). Not part of the
-test run. Run: python -m benchmarks.serving_load [--seconds 10] [--levels 1,8,32] [--profile]
+test run. Run: python -m benchmarks.serving_load [--seconds 10] [--levels 1,8,32]
+[--workers 2] [--profile]
 """
 
 import argparse
@@ -116,13 +118,16 @@ async def generate(url: str, pairs: list[list[str]], concurrency: int, seconds: 
     }
 
 
-def start_lastfm_stack(stack: Stack, name: str) -> list[Scenario]:
+def start_lastfm_stack(
+    stack: Stack, name: str, settings: dict[str, str] | None = None
+) -> list[Scenario]:
     """Redis, a meta learner trained on LastFM with a tiny budget (64-dim) and published, and
-    the API; the LastFM meta-test scenarios with pools in POOL_RANGE (not yet registered)."""
+    the API (`settings`: more S2META_* variables); the LastFM meta-test scenarios with pools in
+    POOL_RANGE (not yet registered)."""
     print(f"{name}: training a meta learner (tiny budget, 64-dim) and publishing ...")
     stack.start_redis()
     stack.train_and_publish(DATA / "LastFM", embedding_dim=64)
-    stack.start_api()
+    stack.start_api(settings)
     return [
         s
         for s in meta_test_scenarios(stack.artifact, DATA / "LastFM", stack.cache)
@@ -146,10 +151,17 @@ def register(stack: Stack, scenarios: list[Scenario], variant: str | None = None
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, all threads) a process has used so far (Linux /proc)."""
+    """CPU time (user + system, all threads) a process and the processes it started (uvicorn's
+    workers) have used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     # utime and stime are the stat file's 14th and 15th fields, in clock ticks.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = {
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    }
+    return own + sum(cpu_seconds(child) for child in children)
 
 
 def run_generator(url: str, pairs: Path, concurrency: int, seconds: float, server_pid: int) -> dict:
@@ -166,11 +178,10 @@ def run_generator(url: str, pairs: Path, concurrency: int, seconds: float, serve
     return figures
 
 
-def start_bare(port: int, log: Path) -> subprocess.Popen:
+def start_bare(port: int, log: Path, workers: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "uvicorn", "benchmarks.bare_app:app", "--port", str(port)]
-    server = subprocess.Popen(
-        [*command, "--log-level", "info"], stdout=log.open("w"), stderr=subprocess.STDOUT
-    )
+    command += ["--workers", str(workers), "--log-level", "info"]
+    server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -213,7 +224,7 @@ def profile_during_load(
     in it (total), as shares of all samples."""
     command = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(api_pid)]
     command += ["--duration", str(int(seconds)), "--rate", "200", "--format", "raw"]
-    command += ["--nonblocking", "--output", str(raw)]
+    command += ["--nonblocking", "--subprocesses", "--output", str(raw)]
     spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(1)  # py-spy attached
     figures = run_generator(url, pairs, concurrency, seconds - 1, api_pid)
@@ -279,6 +290,13 @@ def main() -> int:
     parser.add_argument("--levels", default="1,8,32", help="concurrency levels (default 1,8,32)")
     parser.add_argument("--adapt-every", type=float, default=1.0, help="seconds (default 1)")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes, of the service (S2META_WORKERS) and of the bare endpoint alike "
+        "(default 1)",
+    )
+    parser.add_argument(
         "--name", default="serving_load", help="results file name (default serving_load)"
     )
     parser.add_argument(
@@ -299,17 +317,19 @@ def main() -> int:
         stack = Stack(root, secrets.token_hex(16))
         bare = None
         try:
-            scenarios = start_lastfm_stack(stack, "serving_load")
+            workers = {"S2META_WORKERS": str(args.workers)}
+            scenarios = start_lastfm_stack(stack, "serving_load", workers)
             register(stack, scenarios)
             pairs = [[u, s.scenario_id] for s in scenarios for u in s.users]
             pairs_path = root / "pairs.json"
             pairs_path.write_text(json.dumps(pairs))
             bare_port = free_port()
-            bare = start_bare(bare_port, root / "bare.log")
+            bare = start_bare(bare_port, root / "bare.log", args.workers)
             bare_url = f"http://127.0.0.1:{bare_port}"
             print(
                 f"serving_load: {len(scenarios)} scenarios of {POOL_RANGE[0]}-{POOL_RANGE[1]} "
-                f"candidates, {len(pairs)} (user, scenario) pairs; {args.seconds:.0f} s per run"
+                f"candidates, {len(pairs)} (user, scenario) pairs; {args.seconds:.0f} s per run; "
+                f"{args.workers} server process(es) each"
             )
             runs = []
             for level in levels:
@@ -346,7 +366,7 @@ def main() -> int:
                 )  # fmt: skip
             # The same service with dynamic batching off: each recommend ranked alone.
             stack.stop_api()
-            stack.start_api({"S2META_RECOMMEND_BATCH_MAX": "1"})
+            stack.start_api({**workers, "S2META_RECOMMEND_BATCH_MAX": "1"})
             figures = run_generator(stack.base_url, pairs_path, top, args.seconds, stack.api.pid)
             runs.append({"target": "service, batching off", "concurrency": top, **figures})
         finally:
@@ -360,6 +380,7 @@ def main() -> int:
         "scenarios": len(scenarios),
         "pool_range": POOL_RANGE,
         "cpus_seen": os.cpu_count(),
+        "workers": args.workers,
         "runs": runs,
         "service_share_of_bare": {
             level: by[("service", level)]["requests_per_s"]

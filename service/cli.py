@@ -2,11 +2,16 @@
 
 import argparse
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 
 from service.app import create_app
@@ -15,6 +20,7 @@ from service.recommenders import check_index_settings
 from service.settings import Settings
 
 EXIT_USAGE = 2
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,17 +54,56 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if settings.workers > 1 and settings.redis_url is None:
+        print(
+            f"s2meta serve: error: S2META_WORKERS={settings.workers} needs S2META_REDIS_URL: "
+            "worker processes share scenarios through Redis only",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    made_metrics_dir = settings.workers > 1 and MULTIPROC_DIR not in os.environ
+    if settings.workers > 1:
+        prepare_multiprocess_metrics()
+    try:
+        # An import string and a factory: with several workers each process builds its own
+        # app (its own event loop, store connections and cache) from the same settings.
+        uvicorn.run(
+            "service.cli:worker_app",
+            factory=True,
+            workers=settings.workers,
+            host=args.host or settings.host,
+            port=args.port or settings.port,
+            log_level=args.log_level,
+        )
+    finally:
+        if made_metrics_dir:
+            shutil.rmtree(os.environ.pop(MULTIPROC_DIR))
+    return 0
+
+
+def prepare_multiprocess_metrics() -> None:
+    """Where the workers write their metrics: PROMETHEUS_MULTIPROC_DIR if set (emptied of a
+    previous run's files, as prometheus_client requires), else a new temporary directory.
+    Set in the environment before the workers start, which read it when they import
+    prometheus_client."""
+    if MULTIPROC_DIR in os.environ:
+        where = Path(os.environ[MULTIPROC_DIR])
+        where.mkdir(parents=True, exist_ok=True)
+        for stale in where.glob("*.db"):
+            stale.unlink()
+    else:
+        os.environ[MULTIPROC_DIR] = tempfile.mkdtemp(prefix="s2meta-metrics-")
+
+
+def worker_app() -> FastAPI:
+    """The app of one server process (uvicorn's factory), from the environment's settings,
+    which `main` has checked."""
+    settings = Settings()
     # Splitting a recommend's small products over threads costs more than it saves, and the
     # threads contend with the event loop: with torch's default of one thread per core,
     # profiled load runs at 32 connections served about half as many requests.
     torch.set_num_threads(settings.torch_threads)
-    uvicorn.run(
-        create_app(settings),
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        log_level=args.log_level,
-    )
-    return 0
+    return create_app(settings)

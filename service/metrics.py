@@ -1,6 +1,16 @@
-"""Prometheus metrics, in a registry per app (so several apps can live in one process)."""
+"""Prometheus metrics, in a registry per app (so several apps can live in one process).
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+With several worker processes (S2META_WORKERS > 1) prometheus_client runs in multiprocess
+mode: `s2meta serve` sets PROMETHEUS_MULTIPROC_DIR before the workers start, each writes its
+values there, and /metrics in any of them reads all the files: counters and histograms are
+summed over the workers, each gauge is combined as its `multiprocess_mode` says, over the
+workers alive.
+"""
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -43,6 +53,7 @@ class ServiceMetrics:
             "s2meta_adaptations_in_flight",
             "Adaptations running or queued in this replica",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.cache_hits = Counter(
             "s2meta_recommender_cache_hits",
@@ -59,6 +70,7 @@ class ServiceMetrics:
             "1 while the store's event subscription is live (revisions read since are trusted "
             "until announced otherwise), else 0",
             registry=self.registry,
+            multiprocess_mode="livemin",  # 1 only while every worker's subscription is live
         )
         self.revision_reads = Counter(
             "s2meta_store_revision_reads",
@@ -92,6 +104,7 @@ class ServiceMetrics:
             "s2meta_readapt_backlog",
             "Scenarios still adapted by an older meta learner than the current one",
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.readaptations = Counter(
             "s2meta_readaptations",
@@ -103,8 +116,29 @@ class ServiceMetrics:
             "1 for the current meta learner version of this replica",
             ["version"],
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
+        self._version: str | None = None
 
     def set_current_version(self, version: str) -> None:
-        self.meta_learner.clear()
+        if self._version is not None and self._version != version:
+            # Zeroed before it is dropped: in multiprocess mode the value stays in this
+            # worker's file, where a dropped 1 would go on reading as loaded.
+            self.meta_learner.labels(version=self._version).set(0)
+            self.meta_learner.remove(self._version)
         self.meta_learner.labels(version=version).set(1)
+        self._version = version
+
+    def exposition(self) -> bytes:
+        """The text format of this process's metrics, or in multiprocess mode of all the
+        workers'."""
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            return generate_latest(self.registry)
+        workers = CollectorRegistry()
+        MultiProcessCollector(workers)
+        return generate_latest(workers)
+
+    def process_exiting(self) -> None:
+        """In multiprocess mode, drop this worker's gauges from the live ones."""
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            mark_process_dead(os.getpid())

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a 429")
 
     cache_scenarios: int = Field(256, ge=1, description="adapted recommenders kept in process")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="server processes of s2meta serve on its one port (the kernel spreads the "
+        "connections); more than one needs S2META_REDIS_URL, and /metrics then covers all",
+    )
     torch_threads: int = Field(
         1,
         ge=1,

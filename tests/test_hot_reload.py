@@ -87,6 +87,7 @@ async def test_polling_reload_serves_old_revision_until_readapted(
         metrics = (await client.get("/metrics")).text
         assert "s2meta_readapt_backlog 0.0" in metrics
         assert 's2meta_meta_learner_loaded{version="v0002"} 1.0' in metrics
+        assert 'version="v0001"' not in metrics  # the replaced version is dropped
 
 
 async def test_stale_scenarios_are_readapted_in_batches(trained, registry, lastfm_scenario):

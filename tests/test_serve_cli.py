@@ -1,16 +1,22 @@
 """`s2meta serve`: settings errors exit 2 with the setting named; a real server process
 comes up ready on a published registry and serves over TCP."""
 
+import importlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import torch
+from conftest import REDIS_URL
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from s2meta.cli import main
 
@@ -32,9 +38,14 @@ def test_bad_settings_exit_2_naming_the_setting(tmp_path, monkeypatch, capsys):
 
 def test_serve_runs_torch_on_the_configured_threads(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(
-        "service.cli.uvicorn.run", lambda app, **_: seen.append(torch.get_num_threads())
-    )
+
+    def run_one_worker(app: str, **options: object) -> None:
+        module, _, factory = app.partition(":")
+        assert options["factory"] and options["workers"] == 1
+        getattr(importlib.import_module(module), factory)()  # what a worker process does
+        seen.append(torch.get_num_threads())
+
+    monkeypatch.setattr("service.cli.uvicorn.run", run_one_worker)
     monkeypatch.setenv("S2META_REGISTRY", str(tmp_path))
     before = torch.get_num_threads()
     try:
@@ -46,6 +57,14 @@ def test_serve_runs_torch_on_the_configured_threads(tmp_path, monkeypatch):
     assert seen == [1, 2]
 
 
+def test_several_workers_need_redis(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("S2META_REGISTRY", str(tmp_path))
+    monkeypatch.setenv("S2META_WORKERS", "2")
+    monkeypatch.delenv("S2META_REDIS_URL", raising=False)
+    assert main(["serve"]) == 2
+    assert "S2META_WORKERS=2 needs S2META_REDIS_URL" in capsys.readouterr().err
+
+
 def test_help_lists_serve_beside_the_offline_commands(capsys):
     try:
         main(["--help"])
@@ -55,21 +74,26 @@ def test_help_lists_serve_beside_the_offline_commands(capsys):
     assert "serve" in out and "train" in out and "publish" in out
 
 
-def test_a_server_process_becomes_ready_and_serves(registry, lastfm_scenario, tmp_path):
+@contextmanager
+def serving(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """`s2meta serve` as a process of its own on a free port, ready; its base URL. Stopped
+    with SIGTERM afterwards, which it must take gracefully."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     s2meta = Path(sys.executable).with_name("s2meta")
-    env = {**os.environ, "S2META_REGISTRY": str(registry), "S2META_ADMIN_TOKEN": "t"}
-    log = (tmp_path / "serve.log").open("w")
+    log = log_path.open("w")
     server = subprocess.Popen(
-        [str(s2meta), "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env
+        [str(s2meta), "serve", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **env},
     )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            assert server.poll() is None, log_path.read_text()
             try:
                 if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
                     break
@@ -77,6 +101,19 @@ def test_a_server_process_becomes_ready_and_serves(registry, lastfm_scenario, tm
                 pass
             assert time.monotonic() < deadline, "server never became ready"
             time.sleep(0.5)
+        yield base
+    finally:
+        server.terminate()
+        code = server.wait(timeout=60)
+        log.close()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it as its exit status.
+    assert code in (0, -signal.SIGTERM), log_path.read_text()
+    assert "Application shutdown complete" in log_path.read_text()
+
+
+def test_a_server_process_becomes_ready_and_serves(registry, lastfm_scenario, tmp_path):
+    env = {"S2META_REGISTRY": str(registry), "S2META_ADMIN_TOKEN": "t"}
+    with serving(env, tmp_path / "serve.log") as base:
         url = f"{base}/scenarios/{lastfm_scenario.scenario_id}/adapt"
         assert httpx.post(url, json=lastfm_scenario.body(), timeout=60).status_code == 401
         adapted = httpx.post(
@@ -86,10 +123,53 @@ def test_a_server_process_becomes_ready_and_serves(registry, lastfm_scenario, tm
         params = {"user": lastfm_scenario.eval_user, "scenario": lastfm_scenario.scenario_id}
         served = httpx.get(f"{base}/recommend", params=params, timeout=10).json()
         assert len(served["items"]) == 10 and served["meta_learner"] == "v0001"
-    finally:
-        server.terminate()
-        code = server.wait(timeout=30)
-        log.close()
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises it as its exit status.
-    assert code in (0, -signal.SIGTERM)
-    assert "Application shutdown complete" in (tmp_path / "serve.log").read_text()
+
+
+def test_workers_share_the_port_redis_and_metrics(registry, lastfm_scenario, namespace, tmp_path):
+    """Two worker processes: a scenario adapted through one is served by both, and /metrics,
+    whichever worker answers it, counts every worker's requests (multiprocess mode)."""
+    metrics_dir = tmp_path / "metrics"
+    env = {
+        "S2META_REGISTRY": str(registry),
+        "S2META_REDIS_URL": REDIS_URL,
+        "S2META_NAMESPACE": namespace,
+        "S2META_WORKERS": "2",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_1.db").write_bytes(b"a previous run's file")  # must be emptied
+    recommends = 40
+    with serving(env, tmp_path / "serve.log") as base:
+        url = f"{base}/scenarios/{lastfm_scenario.scenario_id}/adapt"
+        assert httpx.post(url, json=lastfm_scenario.body(), timeout=60).status_code == 200
+        params = {"user": lastfm_scenario.eval_user, "scenario": lastfm_scenario.scenario_id}
+        rankings = set()
+        for _ in range(recommends):  # a new connection each: the kernel spreads them
+            served = httpx.get(f"{base}/recommend", params=params, timeout=10)
+            assert served.status_code == 200, served.text
+            rankings.add(tuple(item["item"] for item in served.json()["items"]))
+        histograms = sorted(metrics_dir.glob("histogram_*.db"))
+        counted = [
+            httpx.get(f"{base}/metrics", timeout=10).text for _ in range(4)
+        ]  # answered by either worker: each must see the total
+    assert len(rankings) == 1  # the same adapted recommender in both
+    assert len(histograms) == 2, histograms  # one per worker process
+    line = (
+        's2meta_request_seconds_count{method="GET",route="/recommend",status="200"} '
+        f"{float(recommends)}"
+    )
+    assert all(line in text for text in counted), counted[0]
+    assert all('s2meta_meta_learner_loaded{version="v0001"} 1.0' in text for text in counted)
+    assert not metrics_dir.joinpath("counter_1.db").exists()
+    # Each worker's own file: both took some of the recommends.
+    served_by = [recommend_count(MultiProcessCollector.merge([str(f)])) for f in histograms]
+    assert sum(served_by) == recommends and min(served_by) > 0, served_by
+
+
+def recommend_count(metrics: Iterable[Metric]) -> float:
+    return sum(
+        sample.value
+        for metric in metrics
+        for sample in metric.samples
+        if sample.name == "s2meta_request_seconds_count" and sample.labels["route"] == "/recommend"
+    )
