@@ -184,7 +184,7 @@ def score_pool(
         x = torch.addmm(params[f"mlp.{layer}.bias"], x, params[f"mlp.{layer}.weight"])
         if layer < layers - 1:
             x = x.relu_()
-    scores = x.view(len(users), len(pool))
+    scores = x.view(users.shape[0], pool.shape[0])
     if spec.variant == "interaction":
         return scores
     # scale * <e_u, e_i> + w_pop * pop_i, added into the MLP's scores.

@@ -124,7 +124,9 @@ class AdaptedRecommender:
             len(self.pool_ids),
         )
         rows = [self.loaded.user_rows[requests[k].user] for k in embedded]
-        users = self.loaded.tables.user[torch.as_tensor(rows, device=self.pool_pop.device)]
+        users = self.loaded.tables.user.index_select(
+            0, torch.as_tensor(rows, device=self.pool_pop.device)
+        )
         with torch.no_grad():
             if self.index is not None:
                 queries = user_vector(self.spec, self.params, users).float().cpu().numpy()
@@ -156,9 +158,11 @@ class AdaptedRecommender:
     def _score_pool(self, users: Tensor) -> Tensor:
         """Scores [U, P], the pool in chunks so a forward holds about SCORE_CHUNK pairs."""
         assert self.pool_half is not None  # interaction and hybrid variants
-        pool = self.loaded.tables.item[self.pool_rows]
-        chunk = max(1, SCORE_CHUNK // len(users))
-        if len(pool) <= chunk:
+        # index_select, not indexing with a tensor: about 5x faster on a pool of hundreds,
+        # and ranking a pool for a user or two is the service's hot path.
+        pool = self.loaded.tables.item.index_select(0, self.pool_rows)
+        chunk = max(1, SCORE_CHUNK // users.shape[0])
+        if pool.shape[0] <= chunk:
             return score_pool(self.spec, self.params, users, pool, self.pool_pop, self.pool_half)
         parts = zip(
             torch.split(pool, chunk),
