@@ -10,6 +10,7 @@ request, on a worker thread.
 
 import asyncio
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from service.recommenders import AdaptedRecommender, Ranked, RankRequest
 
@@ -24,6 +25,9 @@ class RecommendBatcher:
         self._queue: list[Job] = []
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        # Threads of their own, one per batch ranked at once: the same thread ranks batch
+        # after batch, and never waits behind other work sent to the loop's default pool.
+        self._threads = ThreadPoolExecutor(max_workers=batches, thread_name_prefix="rank")
 
     async def rank(self, recommender: AdaptedRecommender, request: RankRequest) -> Ranked:
         future: asyncio.Future[Ranked] = asyncio.get_running_loop().create_future()
@@ -31,6 +35,10 @@ class RecommendBatcher:
         if self._running < self.batches:
             self._start_batch()
         return await future
+
+    def close(self) -> None:
+        """Stop the ranking threads (after the running batches)."""
+        self._threads.shutdown(wait=True)
 
     def _start_batch(self) -> None:
         batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
@@ -44,7 +52,8 @@ class RecommendBatcher:
             # Requests whose caller went away (a cancelled future) are not ranked.
             live = [job for job in batch if not job[2].done()]
             self._observe_size(len(live))
-            outcomes = await asyncio.to_thread(_rank_grouped, live)
+            loop = asyncio.get_running_loop()
+            outcomes = await loop.run_in_executor(self._threads, _rank_grouped, live)
             for (_, _, future), outcome in zip(live, outcomes, strict=True):
                 if future.done():
                     continue

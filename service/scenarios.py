@@ -267,6 +267,7 @@ class ScenarioService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._adapt_pool.shutdown(wait=True, cancel_futures=True)
+        self.batcher.close()
 
     async def refresh(self) -> str | None:
         """Load the registry's current meta learner if it is new, and tell the other

@@ -91,3 +91,20 @@ async def test_a_caller_that_goes_away_is_not_ranked_and_the_others_are():
         await gone
     assert recommender.calls == [["u0"], ["kept"]]
     assert sizes == [1, 1]
+
+
+async def test_ranking_does_not_wait_behind_the_loops_default_thread_pool():
+    """Ranking has threads of its own: with every thread of the loop's default pool busy
+    (store reads, recommender builds go there), a recommend is still ranked at once."""
+    batcher = RecommendBatcher(max_batch=8, batches=1, observe_size=lambda _: None)
+    loop = asyncio.get_running_loop()
+    busy = threading.Event()
+    # More blocking jobs than the default pool has threads (min(32, cpus + 4)).
+    blocked = [loop.run_in_executor(None, busy.wait, 10) for _ in range(40)]
+    try:
+        ranked = await asyncio.wait_for(batcher.rank(FakeRecommender("a"), request("u")), 5)
+        assert ranked.items == [("a:u", 3.0)]
+    finally:
+        busy.set()
+        await asyncio.gather(*blocked)
+        batcher.close()
