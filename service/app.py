@@ -79,8 +79,8 @@ LAZY_IMPORTS = ("torch._dynamo", "numpy.ma", "numpy.ctypeslib")
 def import_lazy_dependencies() -> None:
     """Import at start-up, before gc.freeze, what serving would otherwise import on first use
     (tests/test_startup.py holds serving to importing nothing later). Imported later, those
-    objects stayed in every full collection's walk: after a first adaptation, recommends under
-    load took about a quarter more CPU and their p99 quadrupled."""
+    objects stayed in every full collection's walk: after the first adaptations recommend's
+    p99 under load about tripled."""
     for module in LAZY_IMPORTS:
         importlib.import_module(module)
     if importlib.util.find_spec("faiss") is not None:  # absent: the mapping variant says so

@@ -158,7 +158,7 @@ class AdaptedRecommender:
     def _score_pool(self, users: Tensor) -> Tensor:
         """Scores [U, P], the pool in chunks so a forward holds about SCORE_CHUNK pairs."""
         assert self.pool_half is not None  # interaction and hybrid variants
-        # index_select, not indexing with a tensor: about 5x faster on a pool of hundreds,
+        # index_select, not indexing with a tensor: several times faster on a pool of hundreds,
         # and ranking a pool for a user or two is the service's hot path.
         pool = self.loaded.tables.item.index_select(0, self.pool_rows)
         chunk = max(1, SCORE_CHUNK // users.shape[0])

@@ -126,10 +126,10 @@ async def adapt(scenario_id: ScenarioId, body: AdaptRequest, service: Service) -
 
 
 # The hot route: it checks the read token itself and answers JSON encoded by pydantic-core,
-# not through FastAPI's dependencies and response-model validation, which were a fifth of the
-# service's CPU per recommend in profiles under load. The response model still documents the
-# answer (and the fuzz tests hold answers to it); the security requirement is the other read
-# routes' one, spelled out since no dependency declares it here.
+# not through FastAPI's dependencies and response-model validation, the largest framework
+# items in profiles under load. The response model still documents the answer (and the fuzz
+# tests hold answers to it); the security requirement is the other read routes' one, spelled
+# out since no dependency declares it here.
 @router.get(
     "/recommend",
     response_model=RecommendResponse,
