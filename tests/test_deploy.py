@@ -12,6 +12,8 @@ import pytest
 import yaml
 from conftest import compose_config
 
+from service.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -196,6 +198,16 @@ def test_overlays_local_cpu_and_gpu(rendered):
     assert api_pod["containers"][0]["image"].endswith("s2meta-api-gpu:0.1.0")
     assert api_pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert by_kind(gpu, "ConfigMap", "s2meta-config")["data"]["S2META_DEVICE"] == "cuda"
+
+
+def test_the_configmap_sets_only_real_settings(rendered):
+    """Settings ignore unknown S2META_ variables, so a misspelt key would do nothing: every
+    key of the API's ConfigMap names a setting of `s2meta serve`."""
+    known = {f"S2META_{name.upper()}" for name in Settings.model_fields}
+    for overlay in ("base", "overlays/local", "overlays/gpu"):
+        data = by_kind(rendered[overlay], "ConfigMap", "s2meta-config")["data"]
+        assert set(data) <= known, set(data) - known
+        assert data["S2META_WORKERS"] == "1"
 
 
 def test_the_renderer_refuses_what_it_does_not_implement(tmp_path):
