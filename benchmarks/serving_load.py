@@ -166,8 +166,8 @@ def cpu_seconds(pid: int) -> float:
 
 def run_generator(url: str, pairs: Path, concurrency: int, seconds: float, server_pid: int) -> dict:
     """The generator in a process of its own, so it does not share the server's; its figures
-    and the server's CPU time per request over the run (how far from a whole core each
-    stays on two cores shared with the generator)."""
+    and the server's CPU time per request over the run (times requests/s: the cores the
+    server used, of the two it shares with the generator)."""
     command = [sys.executable, "-m", "benchmarks.serving_load", "generate", url, str(pairs)]
     command += ["--concurrency", str(concurrency), "--seconds", str(seconds)]
     server_cpu = cpu_seconds(server_pid)
