@@ -71,8 +71,8 @@ class RequestLatency:
 
 
 # Imported by serving on first use: torch.func's gradient imports torch._dynamo on the first
-# adaptation (with sympy, about 117,000 objects), numpy.unique numpy.ma and numpy.ctypeslib,
-# the first mapping-variant recommender faiss (about 12,000 objects).
+# adaptation (with sympy, about 117,000 objects), numpy.unique imports numpy.ma and
+# numpy.ctypeslib, and the first mapping-variant recommender faiss (about 12,000 objects).
 LAZY_IMPORTS = ("torch._dynamo", "numpy.ma", "numpy.ctypeslib")
 
 

@@ -5,7 +5,7 @@ wait when the service is not busy); otherwise it queues, and the queue goes as t
 batch, at most `max_batch` requests, when a running batch finishes. A batch groups its
 requests by adapted recommender, and each group is ranked together: one forward over the
 pool for all its users (one FAISS search for the mapping variant) instead of one per
-request, on a worker thread.
+request, on the batcher's own threads.
 """
 
 import asyncio

@@ -16,11 +16,11 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.learners import resolve_device
+from service.metrics import MULTIPROC_DIR
 from service.recommenders import check_index_settings
 from service.settings import Settings
 
 EXIT_USAGE = 2
-MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,9 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    made_metrics_dir = settings.workers > 1 and MULTIPROC_DIR not in os.environ
-    if settings.workers > 1:
-        prepare_multiprocess_metrics()
+    made_metrics_dir = settings.workers > 1 and prepare_multiprocess_metrics()
     try:
         # An import string and a factory: with several workers each process builds its own
         # app (its own event loop, store connections and cache) from the same settings.
@@ -84,18 +82,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def prepare_multiprocess_metrics() -> None:
+def prepare_multiprocess_metrics() -> bool:
     """Where the workers write their metrics: PROMETHEUS_MULTIPROC_DIR if set (emptied of a
     previous run's files, as prometheus_client requires), else a new temporary directory.
     Set in the environment before the workers start, which read it when they import
-    prometheus_client."""
+    prometheus_client. True if the directory was made here (and is to be removed)."""
     if MULTIPROC_DIR in os.environ:
         where = Path(os.environ[MULTIPROC_DIR])
         where.mkdir(parents=True, exist_ok=True)
         for stale in where.glob("*.db"):
             stale.unlink()
-    else:
-        os.environ[MULTIPROC_DIR] = tempfile.mkdtemp(prefix="s2meta-metrics-")
+        return False
+    os.environ[MULTIPROC_DIR] = tempfile.mkdtemp(prefix="s2meta-metrics-")
+    return True
 
 
 def worker_app() -> FastAPI:

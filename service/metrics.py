@@ -12,6 +12,8 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+# Where prometheus_client's multiprocess mode keeps each worker's values; set, it is on.
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -132,7 +134,7 @@ class ServiceMetrics:
     def exposition(self) -> bytes:
         """The text format of this process's metrics, or in multiprocess mode of all the
         workers'."""
-        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        if MULTIPROC_DIR not in os.environ:
             return generate_latest(self.registry)
         workers = CollectorRegistry()
         MultiProcessCollector(workers)
@@ -140,5 +142,5 @@ class ServiceMetrics:
 
     def process_exiting(self) -> None:
         """In multiprocess mode, drop this worker's gauges from the live ones."""
-        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        if MULTIPROC_DIR in os.environ:
             mark_process_dead(os.getpid())
