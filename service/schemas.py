@@ -88,6 +88,17 @@ class AdaptResponse(LearningTrace):
     duration_ms: float
 
 
+class RecommendQuery(BaseModel):
+    """GET /recommend's query parameters (unknown ones are ignored, as FastAPI does)."""
+
+    user: EntityId
+    scenario: Annotated[str, StringConstraints(pattern=SCENARIO_ID_PATTERN)]
+    n: int = Field(10, ge=1, le=1000, description="how many items")
+    exclude_seen: bool = Field(
+        True, description="leave out the items the user interacted with in the scenario"
+    )
+
+
 class ScoredItem(BaseModel):
     item: str
     score: float

@@ -43,10 +43,12 @@ async def test_read_token_and_admin_token_guard_their_routes(registry, lastfm_sc
             assert (await client.get(route, params=query, headers=wrong)).status_code == 403
             assert (await client.get(route, params=query, headers=read)).status_code == 200
             assert (await client.get(route, params=query, headers=admin)).status_code == 200
+        # The token is checked before the query: no validation details without one.
+        assert (await client.get("/recommend", params={"n": 0})).status_code == 401
         assert (await client.get("/healthz")).status_code == 200  # probes stay open
         assert (await client.get("/metrics")).status_code == 200
         metrics = (await client.get("/metrics")).text
-    assert 's2meta_auth_failures_total{reason="missing",role="read"} 3.0' in metrics
+    assert 's2meta_auth_failures_total{reason="missing",role="read"} 4.0' in metrics
     assert 's2meta_auth_failures_total{reason="wrong",role="read"} 3.0' in metrics
     assert 's2meta_auth_failures_total{reason="wrong",role="admin"} 1.0' in metrics
     assert ADMIN not in caplog.text and READ not in caplog.text

@@ -6,17 +6,22 @@ import asyncio
 import re
 import threading
 import time
+from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pytest
 import redis
 import torch
 from conftest import REDIS_URL, running
+from fastapi import FastAPI, Query, Request, Response
 
 from model.artifact import load_artifact
 from model.scenario import ScenarioInput, adapt_scenarios, score_scenario
 from service import scenarios as scenarios_module
-from service.schemas import RecommendResponse
+from service.app import create_app
+from service.routes import DirectRoute
+from service.schemas import RecommendQuery, RecommendResponse
 from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -239,7 +244,18 @@ async def test_bad_input_is_a_clear_4xx_and_stores_nothing(registry, lastfm_scen
         assert (await client.post(url, content=b"not json")).status_code == 422
         for params in ({"n": 0}, {"n": 1001}, {"user": ""}, {"scenario": "a/b"}):
             query = {"user": "u", "scenario": scenario.scenario_id, **params}
-            assert (await client.get("/recommend", params=query)).status_code == 422, params
+            response = await client.get("/recommend", params=query)
+            assert response.status_code == 422, params
+            # FastAPI's shape of field errors, located in the query.
+            [error] = response.json()["detail"]
+            assert error["loc"] == ["query", *params], params
+            assert error["msg"] and error["type"], params
+        response = await client.get("/recommend", params={"n": "many"})
+        assert {tuple(e["loc"]) for e in response.json()["detail"]} == {
+            ("query", "user"),
+            ("query", "scenario"),
+            ("query", "n"),
+        }
         assert (await client.get("/scenarios")).json()["scenarios"] == []  # nothing stored
         assert (
             await client.get("/recommend", params={"user": "u", "scenario": "nope"})
@@ -334,6 +350,30 @@ async def test_openapi_documents_every_route(registry):
         "/metrics",
     } <= set(paths)
     assert "429" in paths["/scenarios/{scenario_id}/adapt"]["post"]["responses"]
+    assert "422" in paths["/recommend"]["get"]["responses"]
+
+
+def test_recommend_documents_its_query_as_fastapi_would():
+    """recommend validates its query itself (RecommendQuery); its OpenAPI parameters are the
+    ones FastAPI writes for that model declared as the route's query parameters."""
+    reference = FastAPI()
+
+    @reference.get("/recommend")
+    async def declared(query: Annotated[RecommendQuery, Query()]) -> None:
+        return None
+
+    expected = reference.openapi()["paths"]["/recommend"]["get"]["parameters"]
+    ours = create_app(Settings(registry=Path("unused"))).openapi()["paths"]["/recommend"]
+    assert ours["get"]["parameters"] == expected
+    assert [p["name"] for p in expected] == ["user", "scenario", "n", "exclude_seen"]
+
+
+def test_a_direct_route_takes_the_request_alone():
+    async def with_parameters(request: Request, user: str) -> Response:
+        return Response()
+
+    with pytest.raises(TypeError, match="takes the request alone"):
+        DirectRoute("/x", with_parameters, methods=["GET"])
 
 
 def metric(text: str, name: str) -> float:
