@@ -12,13 +12,16 @@ on loopback (asyncio on uvloop with plain HTTP/1.1, one keep-alive connection pe
 worker, bounded in time), each request a random (evaluation user, scenario) pair. Reported
 per target and level: requests/s, p50/p95/p99 latency in ms, and the CPU time per request of
 the server's processes and of the generator; the service's throughput as a share of the bare
-endpoint's (the ratio is what carries over between machines, these ones being noisy);
+endpoint's (the ratio is what carries over between machines, these ones being noisy). At each
+level the two targets run in alternating rounds (--rounds, of seconds / rounds each), their
+figures over all their rounds, so that the machine's speed changing during the run falls on
+both alike;
 recommend p99 with adaptations posted during the load against without; and the top level
 again with dynamic batching of recommends off (S2META_RECOMMEND_BATCH_MAX=1) against on.
 
 The service runs on the device S2META_DEVICE names (auto: CUDA when there is one).
 Prints a table and writes benchmarks/results/serving_load.json (--name). Not part of the
-test run. Run: python -m benchmarks.serving_load [--seconds 10] [--levels 1,8,32]
+test run. Run: python -m benchmarks.serving_load [--seconds 10] [--rounds 5] [--levels 1,8,32]
 [--workers 2] [--profile]
 """
 
@@ -110,11 +113,9 @@ async def generate(url: str, pairs: list[list[str]], concurrency: int, seconds: 
     return {
         "requests": len(latencies),
         "failures": failures,
-        "requests_per_s": len(latencies) / elapsed,
-        "generator_cpu_ms_per_request": (time.process_time() - cpu_started)
-        * 1000
-        / max(1, len(latencies)),
-        "ms": {q: percentile(latencies, p) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))},
+        "seconds": elapsed,
+        "generator_cpu_s": time.process_time() - cpu_started,
+        "latencies_ms": latencies,
     }
 
 
@@ -165,17 +166,34 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run_generator(url: str, pairs: Path, concurrency: int, seconds: float, server_pid: int) -> dict:
-    """The generator in a process of its own, so it does not share the server's; its figures
-    and the server's CPU time per request over the run (times requests/s: the cores the
-    server used, of the two it shares with the generator)."""
+    """One run of the generator in a process of its own, so it does not share the server's:
+    what it measured (`summarise` makes figures of runs) and the server's CPU seconds over
+    the run."""
     command = [sys.executable, "-m", "benchmarks.serving_load", "generate", url, str(pairs)]
     command += ["--concurrency", str(concurrency), "--seconds", str(seconds)]
     server_cpu = cpu_seconds(server_pid)
     done = subprocess.run(command, capture_output=True, text=True, check=True)
-    figures = json.loads(done.stdout)
-    server_cpu = cpu_seconds(server_pid) - server_cpu
-    figures["server_cpu_ms_per_request"] = server_cpu * 1000 / max(1, figures["requests"])
-    return figures
+    return {**json.loads(done.stdout), "server_cpu_s": cpu_seconds(server_pid) - server_cpu}
+
+
+def summarise(parts: list[dict]) -> dict:
+    """Runs of the generator as one: requests/s over their time, latency percentiles over
+    all their requests, and CPU time per request of the server (times requests/s: the cores
+    it used, of the two it shares with the generator) and of the generator."""
+    requests = sum(part["requests"] for part in parts)
+    latencies = [ms for part in parts for ms in part["latencies_ms"]]
+    return {
+        "requests": requests,
+        "failures": sum(part["failures"] for part in parts),
+        "requests_per_s": requests / sum(part["seconds"] for part in parts),
+        "generator_cpu_ms_per_request": sum(part["generator_cpu_s"] for part in parts)
+        * 1000
+        / max(1, requests),
+        "server_cpu_ms_per_request": sum(part["server_cpu_s"] for part in parts)
+        * 1000
+        / max(1, requests),
+        "ms": {q: percentile(latencies, p) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))},
+    }
 
 
 def start_bare(port: int, log: Path, workers: int) -> subprocess.Popen:
@@ -227,7 +245,7 @@ def profile_during_load(
     command += ["--nonblocking", "--subprocesses", "--output", str(raw)]
     spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(1)  # py-spy attached
-    figures = run_generator(url, pairs, concurrency, seconds - 1, api_pid)
+    figures = summarise([run_generator(url, pairs, concurrency, seconds - 1, api_pid)])
     _, errors = spy.communicate(timeout=60)
     if spy.returncode != 0:
         raise RuntimeError(f"py-spy failed: {errors[-2000:]}")
@@ -288,6 +306,13 @@ def main() -> int:
     generate_cmd.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--seconds", type=float, default=10.0, help="per run (default 10)")
     parser.add_argument("--levels", default="1,8,32", help="concurrency levels (default 1,8,32)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="alternating rounds of the service and the bare endpoint per level, of seconds / "
+        "rounds each (default 5)",
+    )
     parser.add_argument("--adapt-every", type=float, default=1.0, help="seconds (default 1)")
     parser.add_argument(
         "--workers",
@@ -328,16 +353,25 @@ def main() -> int:
             bare_url = f"http://127.0.0.1:{bare_port}"
             print(
                 f"serving_load: {len(scenarios)} scenarios of {POOL_RANGE[0]}-{POOL_RANGE[1]} "
-                f"candidates, {len(pairs)} (user, scenario) pairs; {args.seconds:.0f} s per run; "
+                f"candidates, {len(pairs)} (user, scenario) pairs; {args.seconds:.0f} s per run "
+                f"({args.rounds} alternating rounds for service and bare); "
                 f"{args.workers} server process(es) each"
             )
             runs = []
+            targets = {
+                "service": (stack.base_url, stack.api.pid),
+                "bare FastAPI": (bare_url, bare.pid),
+            }
             for level in levels:
-                for target, url, pid in (
-                    ("service", stack.base_url, stack.api.pid),
-                    ("bare FastAPI", bare_url, bare.pid),
-                ):
-                    figures = run_generator(url, pairs_path, level, args.seconds, pid)
+                # The two in alternating rounds, so that a change of the machine's speed
+                # during the run (seen here: twofold within a minute) falls on both.
+                parts: dict[str, list[dict]] = {target: [] for target in targets}
+                for _ in range(args.rounds):
+                    for target, (url, pid) in targets.items():
+                        seconds = args.seconds / args.rounds
+                        parts[target].append(run_generator(url, pairs_path, level, seconds, pid))
+                for target in targets:
+                    figures = summarise(parts[target])
                     runs.append({"target": target, "concurrency": level, **figures})
             stop = threading.Event()
             adapt_ms: list[float] = []
@@ -353,7 +387,9 @@ def main() -> int:
             poster = threading.Thread(target=adapt_in_background)
             poster.start()
             top = max(levels)
-            figures = run_generator(stack.base_url, pairs_path, top, args.seconds, stack.api.pid)
+            figures = summarise(
+                [run_generator(stack.base_url, pairs_path, top, args.seconds, stack.api.pid)]
+            )
             stop.set()
             poster.join()
             runs.append({"target": "service + adaptations", "concurrency": top, **figures})
@@ -367,7 +403,9 @@ def main() -> int:
             # The same service with dynamic batching off: each recommend ranked alone.
             stack.stop_api()
             stack.start_api({**workers, "S2META_RECOMMEND_BATCH_MAX": "1"})
-            figures = run_generator(stack.base_url, pairs_path, top, args.seconds, stack.api.pid)
+            figures = summarise(
+                [run_generator(stack.base_url, pairs_path, top, args.seconds, stack.api.pid)]
+            )
             runs.append({"target": "service, batching off", "concurrency": top, **figures})
         finally:
             if bare is not None:
@@ -377,6 +415,7 @@ def main() -> int:
     by = {(r["target"], r["concurrency"]): r for r in runs}
     report = {
         "seconds_per_run": args.seconds,
+        "rounds": args.rounds,
         "scenarios": len(scenarios),
         "pool_range": POOL_RANGE,
         "cpus_seen": os.cpu_count(),
