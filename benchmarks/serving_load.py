@@ -336,6 +336,8 @@ def main() -> int:
         print(json.dumps(figures))
         return 0
 
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     levels = [int(level) for level in args.levels.split(",")]
     with tempfile.TemporaryDirectory(prefix="s2meta-load-") as scratch:
         root = Path(scratch)
@@ -358,6 +360,7 @@ def main() -> int:
                 f"{args.workers} server process(es) each"
             )
             runs = []
+            round_s = args.seconds / args.rounds
             targets = {
                 "service": (stack.base_url, stack.api.pid),
                 "bare FastAPI": (bare_url, bare.pid),
@@ -368,8 +371,7 @@ def main() -> int:
                 parts: dict[str, list[dict]] = {target: [] for target in targets}
                 for _ in range(args.rounds):
                     for target, (url, pid) in targets.items():
-                        seconds = args.seconds / args.rounds
-                        parts[target].append(run_generator(url, pairs_path, level, seconds, pid))
+                        parts[target].append(run_generator(url, pairs_path, level, round_s, pid))
                 for target in targets:
                     figures = summarise(parts[target])
                     runs.append({"target": target, "concurrency": level, **figures})
