@@ -5,7 +5,9 @@ wait when the service is not busy); otherwise it queues, and the queue goes as t
 batch, at most `max_batch` requests, when a running batch finishes. A batch groups its
 requests by adapted recommender, and each group is ranked together: one forward over the
 pool for all its users (one FAISS search for the mapping variant) instead of one per
-request, on the batcher's own threads.
+request. A batch that scores at most `inline_pairs` (user, item) pairs is ranked on the
+event loop itself; a larger one on the batcher's own threads, so that the loop keeps
+answering while it is ranked.
 """
 
 import asyncio
@@ -18,9 +20,16 @@ Job = tuple[AdaptedRecommender, RankRequest, asyncio.Future[Ranked]]
 
 
 class RecommendBatcher:
-    def __init__(self, max_batch: int, batches: int, observe_size: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        max_batch: int,
+        batches: int,
+        inline_pairs: int,
+        observe_size: Callable[[int], None],
+    ) -> None:
         self.max_batch = max_batch
         self.batches = batches
+        self.inline_pairs = inline_pairs
         self._observe_size = observe_size
         self._queue: list[Job] = []
         self._running = 0
@@ -52,8 +61,14 @@ class RecommendBatcher:
             # Requests whose caller went away (a cancelled future) are not ranked.
             live = [job for job in batch if not job[2].done()]
             self._observe_size(len(live))
-            loop = asyncio.get_running_loop()
-            outcomes = await loop.run_in_executor(self._threads, _rank_grouped, live)
+            if sum(recommender.pool_size for recommender, _, _ in live) <= self.inline_pairs:
+                # A small batch costs less ranked here than handed to a thread: under load
+                # the hand-over (a wake-up each way, and the GIL passed back and forth at
+                # every tensor operation) cost more than it saved (benchmarks/serving_load.py).
+                outcomes = _rank_grouped(live)
+            else:
+                loop = asyncio.get_running_loop()
+                outcomes = await loop.run_in_executor(self._threads, _rank_grouped, live)
             for (_, _, future), outcome in zip(live, outcomes, strict=True):
                 if future.done():
                     continue

@@ -73,6 +73,7 @@ class ScenarioService:
         self.batcher = RecommendBatcher(
             settings.recommend_batch_max,
             settings.recommend_batches,
+            settings.recommend_inline_pairs,
             metrics.recommend_batch_size.observe,
         )
         # Adaptations get their own bounded pool; recommends run in the loop's default pool,

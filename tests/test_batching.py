@@ -13,18 +13,22 @@ pytestmark = pytest.mark.anyio
 
 
 class FakeRecommender:
-    """Ranks a user as its own name; records each call's users; can be held or fail."""
+    """Ranks a user as its own name; records each call's users and thread; can be held or
+    fail."""
 
-    def __init__(self, name: str, fail: bool = False) -> None:
+    def __init__(self, name: str, fail: bool = False, pool_size: int = 100) -> None:
         self.name = name
         self.fail = fail
+        self.pool_size = pool_size
         self.calls: list[list[str]] = []
+        self.threads: list[int] = []
         self.release = threading.Event()
         self.release.set()
 
     def recommend(self, requests: list[RankRequest]) -> list[Ranked]:
         self.release.wait(timeout=10)
         self.calls.append([request.user for request in requests])
+        self.threads.append(threading.get_ident())
         if self.fail:
             raise RuntimeError(f"{self.name} cannot rank")
         return [Ranked("adapted", [(f"{self.name}:{r.user}", float(r.n))]) for r in requests]
@@ -36,7 +40,7 @@ def request(user: str) -> RankRequest:
 
 async def test_requests_that_arrive_while_a_batch_runs_go_together_bounded_and_grouped():
     sizes: list[int] = []
-    batcher = RecommendBatcher(max_batch=4, batches=1, observe_size=sizes.append)
+    batcher = RecommendBatcher(max_batch=4, batches=1, inline_pairs=0, observe_size=sizes.append)
     first, second = FakeRecommender("a"), FakeRecommender("b")
     first.release.clear()  # hold the first batch while the others queue
     held = asyncio.create_task(batcher.rank(first, request("u0")))
@@ -59,7 +63,7 @@ async def test_requests_that_arrive_while_a_batch_runs_go_together_bounded_and_g
 
 async def test_an_error_reaches_the_callers_of_its_recommender_only():
     sizes: list[int] = []
-    batcher = RecommendBatcher(max_batch=8, batches=1, observe_size=sizes.append)
+    batcher = RecommendBatcher(max_batch=8, batches=1, inline_pairs=0, observe_size=sizes.append)
     failing, working = FakeRecommender("bad", fail=True), FakeRecommender("good")
     failing.release.clear()
     calls = [asyncio.create_task(batcher.rank(failing, request(f"u{k}"))) for k in range(3)]
@@ -75,7 +79,7 @@ async def test_an_error_reaches_the_callers_of_its_recommender_only():
 
 async def test_a_caller_that_goes_away_is_not_ranked_and_the_others_are():
     sizes: list[int] = []
-    batcher = RecommendBatcher(max_batch=8, batches=1, observe_size=sizes.append)
+    batcher = RecommendBatcher(max_batch=8, batches=1, inline_pairs=0, observe_size=sizes.append)
     recommender = FakeRecommender("a")
     recommender.release.clear()
     held = asyncio.create_task(batcher.rank(recommender, request("u0")))
@@ -96,7 +100,7 @@ async def test_a_caller_that_goes_away_is_not_ranked_and_the_others_are():
 async def test_ranking_does_not_wait_behind_the_loops_default_thread_pool():
     """Ranking has threads of its own: with every thread of the loop's default pool busy
     (store reads, recommender builds go there), a recommend is still ranked at once."""
-    batcher = RecommendBatcher(max_batch=8, batches=1, observe_size=lambda _: None)
+    batcher = RecommendBatcher(max_batch=8, batches=1, inline_pairs=0, observe_size=lambda _: None)
     loop = asyncio.get_running_loop()
     busy = threading.Event()
     # More blocking jobs than the default pool has threads (min(32, cpus + 4)).
@@ -107,4 +111,36 @@ async def test_ranking_does_not_wait_behind_the_loops_default_thread_pool():
     finally:
         busy.set()
         await asyncio.gather(*blocked)
+        batcher.close()
+
+
+async def test_small_batches_are_ranked_on_the_loop_and_large_ones_on_a_thread():
+    """The pairs a batch scores (the pool's size per request) decide where it is ranked."""
+    batcher = RecommendBatcher(
+        max_batch=8, batches=1, inline_pairs=300, observe_size=lambda _: None
+    )
+    loop_thread = threading.get_ident()
+    small, large = FakeRecommender("s", pool_size=100), FakeRecommender("l", pool_size=400)
+
+    async def behind_a_held_batch(queued: int) -> None:
+        """`queued` requests over the pool of 100 wait, as one batch, behind a request over
+        the pool of 400 (ranked on the thread, held there)."""
+        large.release.clear()
+        held = asyncio.create_task(batcher.rank(large, request("held")))
+        await asyncio.sleep(0.05)
+        tasks = [asyncio.create_task(batcher.rank(small, request(f"q{k}"))) for k in range(queued)]
+        await asyncio.sleep(0.05)
+        large.release.set()
+        await asyncio.gather(held, *tasks)
+        assert small.calls[-1] == [f"q{k}" for k in range(queued)]
+
+    try:
+        assert (await batcher.rank(small, request("u"))).items == [("s:u", 3.0)]
+        assert small.threads == [loop_thread]  # 100 pairs
+        await behind_a_held_batch(3)
+        assert large.threads[-1] != loop_thread  # 400 pairs
+        assert small.threads[-1] == loop_thread  # 300 pairs
+        await behind_a_held_batch(4)
+        assert small.threads[-1] == large.threads[-1] != loop_thread  # 400 pairs
+    finally:
         batcher.close()
