@@ -76,8 +76,8 @@ class ScenarioService:
             settings.recommend_inline_pairs,
             metrics.recommend_batch_size.observe,
         )
-        # Adaptations get their own bounded pool; recommends run in the loop's default pool,
-        # so they never wait behind an adaptation.
+        # Adaptations get their own bounded pool; recommends are ranked on the loop or the
+        # batcher's thread, so they never wait behind an adaptation.
         self._adapt_pool = ThreadPoolExecutor(settings.adapt_workers, thread_name_prefix="adapt")
         self._in_flight = 0
         self._wake = asyncio.Event()
