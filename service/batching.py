@@ -61,10 +61,12 @@ class RecommendBatcher:
             # Requests whose caller went away (a cancelled future) are not ranked.
             live = [job for job in batch if not job[2].done()]
             self._observe_size(len(live))
-            if sum(recommender.pool_size for recommender, _, _ in live) <= self.inline_pairs:
+            # The pairs it scores: each request's pool size.
+            if sum(len(job[0].pool_ids) for job in live) <= self.inline_pairs:
                 # A small batch costs less ranked here than handed to a thread: under load
-                # the hand-over (a wake-up each way, and the GIL passed back and forth at
-                # every tensor operation) cost more than it saved (benchmarks/serving_load.py).
+                # (A/B runs with benchmarks/serving_load.py's generator) the hand-over, a
+                # wake-up each way and the GIL passed back and forth at every tensor
+                # operation, cost more than it saved.
                 outcomes = _rank_grouped(live)
             else:
                 loop = asyncio.get_running_loop()

@@ -74,7 +74,6 @@ class AdaptedRecommender:
         item_rows = loaded.item_rows
         rows = sorted(item_rows[i] for i in stored.state.candidates if i in item_rows)
         self.pool_ids = [loaded.artifact.item_ids[row] for row in rows]
-        self.pool_size = len(rows)  # items ranked per user: the cost the batcher weighs
         position = {item: k for k, item in enumerate(self.pool_ids)}
         counts = np.zeros(len(rows), dtype=np.float32)
         for item, count in stored.state.popularity:

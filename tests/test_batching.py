@@ -19,7 +19,7 @@ class FakeRecommender:
     def __init__(self, name: str, fail: bool = False, pool_size: int = 100) -> None:
         self.name = name
         self.fail = fail
-        self.pool_size = pool_size
+        self.pool_ids = [f"{name}{k}" for k in range(pool_size)]
         self.calls: list[list[str]] = []
         self.threads: list[int] = []
         self.release = threading.Event()
