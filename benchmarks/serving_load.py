@@ -43,11 +43,11 @@ from urllib.parse import urlencode, urlsplit
 import httpx
 import uvloop
 
+from benchmarks.ports import free_port
 from benchmarks.report import DATA, write_report
 from benchmarks.soak import (
     Scenario,
     Stack,
-    free_port,
     meta_test_scenarios,
     percentile,
     stop_process,
@@ -213,9 +213,13 @@ def start_bare(port: int, log: Path, workers: int) -> subprocess.Popen:
             if httpx.get(f"http://127.0.0.1:{port}/recommend", timeout=2).status_code == 200:
                 return server
         except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+            pass
+        # A server that exited (a port it could not bind, say) is not waited for.
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop_process(server)
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the bare endpoint did not get ready on port {port}:\n{tail}")
+        time.sleep(0.2)
 
 
 def post_adaptations(

@@ -34,7 +34,6 @@ import os
 import random
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ import httpx
 import numpy as np
 import redis
 
+from benchmarks.ports import free_port
 from benchmarks.report import DATA, write_report
 from meta_training.prepare import prepare_for_artifact
 from service.store import RedisStore
@@ -58,12 +58,6 @@ WARMUP_SHARE, RELOAD_AT_SHARE, LAST_SHARE = 0.2, 0.5, 0.25
 RSS_LIMIT = 0.10
 ADAPT_ROUTE, RECOMMEND_ROUTE = "POST /scenarios/{id}/adapt", "GET /recommend"
 LIST_ROUTE, DETAIL_ROUTE = "GET /scenarios", "GET /scenarios/{id}"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def rss_mib(pid: int) -> float | None:

@@ -5,7 +5,6 @@ their lifespan behind httpx."""
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import redis
 
+from benchmarks.ports import free_port
 from meta_training.cli import main as offline_main
 from meta_training.config import EmbeddingConfig, ProtocolConfig
 from meta_training.prepare import Prepared, prepare
@@ -158,12 +158,6 @@ def compose_config(stack: Path, *profiles: str) -> dict:
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class RedisProcess:
