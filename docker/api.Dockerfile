@@ -1,9 +1,10 @@
-# The API image for CPU: model/ and service/ with faiss-cpu, the fused update cell compiled
-# in the build stage; no training stack, no compiler, no caches in the final stage.
+# The API image for CPU: model/ and service/ with faiss-cpu, the compiled kernels (the fused
+# update cell, the ranking kernel) built in the build stage; no training stack, no compiler,
+# no caches in the final stage.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-# A compiler for the fused cell, in this stage only.
+# A compiler for the compiled kernels, in this stage only.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \
@@ -21,13 +22,14 @@ COPY service service
 COPY s2meta s2meta
 COPY meta_training meta_training
 # Serving only: the offline job's sources go (s2meta then says the train extra is missing),
-# and the fused cell is compiled for every CPU capability into site-packages.
+# and the compiled kernels (model/kernels.py) are built for every CPU capability into
+# site-packages.
 # The project itself (its dependencies are pinned or bounded in pyproject.toml).
 # hadolint ignore=DL3013
 RUN pip install ".[cpu]" \
     && site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") \
     && rm -rf "$site/meta_training" \
-    && python -m model.fused_cell "$site"
+    && python -m model.kernels "$site"
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 s2meta \

@@ -22,7 +22,7 @@ COPY meta_training meta_training
 # The project itself (its dependencies are pinned or bounded in pyproject.toml).
 # hadolint ignore=DL3013
 RUN pip install ".[gpu,train]" \
-    && python -m model.fused_cell "$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
+    && python -m model.kernels "$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
 
 FROM ${CUDA_IMAGE}
 # hadolint ignore=DL3008

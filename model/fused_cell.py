@@ -1,129 +1,21 @@
-"""The fused update-controller step (model/csrc/update_cell.cpp): built on first use with the
-machine's C++ compiler through torch's extension loader, and cached by torch
-(TORCH_EXTENSIONS_DIR). It computes the same gates as `controllers.update_gates` to float
+"""The fused update-controller step (model/csrc/update_cell.cpp, in the compiled module of
+model/kernels.py). It computes the same gates as `controllers.update_gates` to float
 rounding, several times faster on the CPU, and its backward gives the controller weights'
-gradients, so evaluation, serving and meta-training all run it. Where it cannot be built (no
-compiler), adaptation logs why once and uses the reference.
-
-Images carry no compiler: they build the cell at image build time for each CPU capability
-(`python -m model.fused_cell DIR`, into site-packages), and `load` imports such a prebuilt
-module before it tries to build one.
+gradients, so evaluation, serving and meta-training all run it. Where the module cannot be
+built, adaptation uses the reference.
 """
 
-import argparse
-import functools
-import importlib
 import itertools
-import logging
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 from types import ModuleType
 
-import ninja
 import torch
-from setuptools import Distribution
 from torch import Tensor
-from torch.utils import cpp_extension
 
+from model import kernels
 from model.controllers import PREPROCESS_P
 from model.params import Params
 
-logger = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).parent / "csrc" / "update_cell.cpp"
 HIDDEN_SIZES = (8, 16, 32)  # the sizes the kernel is instantiated for
-
-
-# OpenMP: at::parallel_for spreads the blocks over torch's threads only where the extension
-# is built with it (without, it silently runs them one after another); the module then uses
-# the OpenMP runtime torch already loaded (libgomp.so.1, torch's own copy).
-OPENMP = "-fopenmp"
-COMPILE_FLAGS = ["-O3", "-ffast-math", OPENMP]
-ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mfma"]}
-
-
-def extension_name(capability: str) -> str:
-    return f"s2meta_update_cell_{capability.lower()}"
-
-
-@functools.cache
-def load() -> ModuleType | None:
-    """The extension for this machine's CPU capability: prebuilt, else built now (cached by
-    torch), else None (logged) where it cannot be built."""
-    # The instruction set is chosen from what this machine runs torch with, not -march=native,
-    # so a build made on one machine stays valid on another of the same capability.
-    capability = torch.backends.cpu.get_cpu_capability()
-    try:
-        return importlib.import_module(extension_name(capability))
-    except ImportError:
-        pass  # not prebuilt into this environment: build it below
-    try:
-        return build(capability)
-    except (OSError, ImportError, RuntimeError, subprocess.CalledProcessError) as error:
-        logger.warning("fused update cell unavailable, using the reference: %s", error)
-        return None
-
-
-def build(capability: str) -> ModuleType:
-    """Compile (or find in torch's cache) and import the cell for this machine."""
-    _ninja_on_path()
-    return cpp_extension.load(
-        name=extension_name(capability),
-        sources=[str(SOURCE)],
-        extra_cflags=[*COMPILE_FLAGS, *ISA_FLAGS.get(capability, [])],
-        extra_ldflags=[OPENMP],
-        verbose=False,
-    )
-
-
-def _ninja_on_path() -> None:
-    if shutil.which("ninja") is None:
-        # The ninja wheel (a dependency) sits in the environment's bin, which is not on PATH
-        # when the environment's python runs without activation.
-        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
-
-
-def prebuild(target: Path, capabilities: tuple[str, ...] = ("DEFAULT", "AVX2", "AVX512")) -> None:
-    """Compile the cell for each CPU capability (torch's names) into importable modules in
-    `target` (a directory on sys.path, e.g. site-packages), without importing them (the
-    building machine need not run every instruction set), for environments without a
-    compiler."""
-    _ninja_on_path()
-    for capability in capabilities:
-        extension = cpp_extension.CppExtension(
-            name=extension_name(capability),
-            sources=[str(SOURCE)],
-            # -g0: no debug info (the interpreter's flags ask for it; it nearly doubles the
-            # build time).
-            extra_compile_args=[*COMPILE_FLAGS, "-g0", *ISA_FLAGS.get(capability, [])],
-            extra_link_args=[OPENMP],
-        )
-        distribution = Distribution(
-            {
-                "name": "s2meta-update-cell",
-                "ext_modules": [extension],
-                "cmdclass": {"build_ext": cpp_extension.BuildExtension},
-            }
-        )
-        command = distribution.get_command_obj("build_ext")
-        # Each capability its own scratch directory: the object files share a name.
-        with tempfile.TemporaryDirectory() as scratch:
-            command.build_lib = str(target)
-            command.build_temp = scratch
-            distribution.run_command("build_ext")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=prebuild.__doc__)
-    parser.add_argument("target", type=Path, help="a directory on sys.path (site-packages)")
-    args = parser.parse_args(argv)
-    prebuild(args.target)
-    print(f"fused update cell prebuilt into {args.target}", file=sys.stderr)
-    return 0
 
 
 class _FusedStep(torch.autograd.Function):
@@ -216,11 +108,7 @@ def fused_update_gates(meta: Params, sizes: list[int], hidden_size: int) -> Fuse
         w.device.type != "cpu" or w.dtype != torch.float32 for w in controller
     ):
         return None
-    extension = load()
+    extension = kernels.load()
     if extension is None:
         return None
     return FusedGates(extension, meta, sizes, hidden_size)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,18 +3,33 @@
 A recommend that finds fewer than `batches` batches running starts one at once (no added
 wait when the service is not busy); otherwise it queues, and the queue goes as the next
 batch, at most `max_batch` requests, when a running batch finishes. A batch groups its
-requests by adapted recommender, and each group is ranked together: one forward over the
-pool for all its users (one FAISS search for the mapping variant) instead of one per
-request. A batch that scores at most `inline_pairs` (user, item) pairs is ranked on the
-event loop itself; a larger one on the batcher's own threads, so that the loop keeps
-answering while it is ranked.
+requests by adapted recommender and plans each group on the event loop (popular answers,
+users' embeddings gathered); then scores them: the interaction and hybrid variants' pools
+all in one call (`model.ranking.top_k_pools`: one forward over each pool for all its users),
+each mapping-variant group in one FAISS search; then makes the answers on the loop. The
+scoring runs on the batcher's own threads, so the loop keeps answering meanwhile, except in
+a batch that scores at most `inline_pairs` (user, item) pairs, which is scored on the loop
+itself (the service sets that to 0 where the compiled ranking kernel releases the GIL).
 """
 
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
 
+from model.ranking import PoolQuery, top_k_pools
 from service.recommenders import AdaptedRecommender, Ranked, RankRequest
+
+
+class Plan(Protocol):
+    """What a recommender's `plan` gives the batcher (service.recommenders.RankPlan)."""
+
+    pool: PoolQuery | None
+
+    def score_alone(self) -> Any: ...
+
+    def finish(self, scored: Any) -> list[Ranked]: ...
+
 
 Job = tuple[AdaptedRecommender, RankRequest, asyncio.Future[Ranked]]
 
@@ -61,23 +76,27 @@ class RecommendBatcher:
             # Requests whose caller went away (a cancelled future) are not ranked.
             live = [job for job in batch if not job[2].done()]
             self._observe_size(len(live))
+            groups = _group(live)
+            plans = [_plan(live, positions) for positions in groups]
             # The pairs it scores: each request's pool size.
             if sum(len(job[0].pool_ids) for job in live) <= self.inline_pairs:
-                # A small batch costs less ranked here than handed to a thread: under load
-                # (A/B runs with benchmarks/serving_load.py's generator) the hand-over, a
-                # wake-up each way and the GIL passed back and forth at every tensor
-                # operation, cost more than it saved.
-                outcomes = _rank_grouped(live)
+                # A small batch costs less scored here than handed to a thread, where the
+                # scoring takes turns with the loop at the GIL at every torch call (A/B runs
+                # with benchmarks/serving_load.py's generator).
+                scored = _score(plans)
             else:
                 loop = asyncio.get_running_loop()
-                outcomes = await loop.run_in_executor(self._threads, _rank_grouped, live)
-            for (_, _, future), outcome in zip(live, outcomes, strict=True):
-                if future.done():
-                    continue
-                if isinstance(outcome, Exception):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome)
+                scored = await loop.run_in_executor(self._threads, _score, plans)
+            for positions, plan, outcome in zip(groups, plans, scored, strict=True):
+                ranked = _finish(plan, outcome, len(positions))
+                for k, result in zip(positions, ranked, strict=True):
+                    future = live[k][2]
+                    if future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
         finally:
             # Whatever ended the batch early (the app shutting down its threads, a bug), no
             # caller waits for ever; the error itself propagates from this task and is logged.
@@ -89,22 +108,61 @@ class RecommendBatcher:
                 self._start_batch()
 
 
-def _rank_grouped(jobs: list[Job]) -> list[Ranked | Exception]:
-    """Rank each recommender's requests together; outcomes in the jobs' order. A group that
-    fails gives its error to its own requests only."""
+def _group(jobs: list[Job]) -> list[list[int]]:
+    """The jobs' positions, by recommender."""
     groups: dict[int, list[int]] = {}
     for position, (recommender, _, _) in enumerate(jobs):
         groups.setdefault(id(recommender), []).append(position)
-    outcomes: dict[int, Ranked | Exception] = {}
-    for positions in groups.values():
-        recommender = jobs[positions[0]][0]
+    return list(groups.values())
+
+
+# A group that fails, at any step, gives its error to its own requests only. Not swallowed:
+# each of the group's callers raises it, and the app's error handler logs it.
+
+
+def _plan(jobs: list[Job], positions: list[int]) -> Plan | Exception:
+    try:
+        return jobs[positions[0]][0].plan([jobs[k][1] for k in positions])
+    except Exception as error:  # noqa: BLE001
+        return error
+
+
+def _score(plans: list[Plan | Exception]) -> list[Any]:
+    """Each plan's scores (an Exception where scoring failed): the pools of all plans that
+    have one in one call, the others alone."""
+    scored: dict[int, Any] = {}
+    pools = {
+        k: plan.pool
+        for k, plan in enumerate(plans)
+        if not isinstance(plan, Exception) and plan.pool is not None
+    }
+    if pools:
         try:
-            ranked: list[Ranked | Exception] = list(
-                recommender.recommend([jobs[k][1] for k in positions])
-            )
-        # Not swallowed: each of the group's callers raises it, and the app's error handler
-        # logs it.
-        except Exception as error:  # noqa: BLE001
-            ranked = [error] * len(positions)
-        outcomes.update(zip(positions, ranked, strict=True))
-    return [outcomes[k] for k in range(len(jobs))]
+            scored.update(zip(pools, top_k_pools(list(pools.values())), strict=True))
+        except Exception:  # noqa: BLE001
+            # Which pool failed: each alone, so that it fails its own plan's requests only.
+            for k, pool in pools.items():
+                scored[k] = _attempt(lambda pool=pool: top_k_pools([pool])[0])
+    for k, plan in enumerate(plans):
+        if isinstance(plan, Exception):
+            scored[k] = plan
+        elif k not in scored:
+            scored[k] = _attempt(plan.score_alone)
+    return [scored[k] for k in range(len(plans))]
+
+
+def _attempt(step: Callable[[], Any]) -> Any:
+    try:
+        return step()
+    except Exception as error:  # noqa: BLE001
+        return error
+
+
+def _finish(plan: Plan | Exception, scored: Any, size: int) -> list[Ranked | Exception]:
+    if isinstance(scored, Exception):
+        return [scored] * size
+    assert not isinstance(plan, Exception)  # a failed plan's outcome is its error
+    try:
+        return list(plan.finish(scored))
+    except Exception as error:  # noqa: BLE001
+        return [error] * size

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import fused_cell
+from model import kernels
 from model.artifact import (
     VERSIONS,
     Artifact,
@@ -70,7 +70,7 @@ def load_version(registry: Path, version: str, device: torch.device) -> LoadedVe
         metrics=artifact.metrics,
     )
     if device.type == "cpu":
-        fused_cell.load()  # build (or find cached) the fused cell now, not in a first request
+        kernels.load()  # build (or find cached) the compiled kernels now, not in a first request
     return LoadedVersion(
         version=version,
         artifact=on_device,

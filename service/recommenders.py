@@ -21,19 +21,12 @@ from torch import Tensor
 
 from model.learner import layout_of
 from model.params import Params
-from model.recommender import (
-    RecommenderSpec,
-    item_vector,
-    pool_first_layer,
-    score_pool,
-    user_vector,
-)
+from model.ranking import PoolQuery, RankedPool
+from model.recommender import RecommenderSpec, item_vector, pool_first_layer, user_vector
 from service.learners import LoadedVersion
 from service.store import StoredScenario
 
 logger = logging.getLogger(__name__)
-
-SCORE_CHUNK = 65_536  # (user, item) pairs per forward (bounds memory on large pools)
 
 
 @dataclass(frozen=True)
@@ -47,6 +40,44 @@ class RankRequest:
 class Ranked:
     source: str  # "adapted" | "popular"
     items: list[tuple[str, float]]
+
+
+@dataclass
+class RankPlan:
+    """One recommender's requests of a batch, ready to score: the popular answers (users
+    without an embedding) made, the others' embeddings gathered. Scored in two ways: `pool`,
+    a query that the batch ranks together with the other plans' (`model.ranking`), or
+    `score_alone` (a FAISS search for the mapping variant); then `finish` makes the answers."""
+
+    recommender: "AdaptedRecommender"
+    requests: list[RankRequest]
+    ranked: dict[int, Ranked]  # by position in requests
+    embedded: list[int]  # positions of the users with an embedding
+    excluded: list[set[int]]  # per embedded user, pool positions left out
+    users: Tensor | None  # [len(embedded), D]
+    wanted: int  # how many to take from the top before exclusions
+    pool: PoolQuery | None  # interaction and hybrid variants, with embedded users
+
+    def score_alone(self) -> tuple[Any, Any] | None:
+        """(scores, positions) [U, wanted] where `pool` is None and a user is embedded."""
+        if self.users is None:
+            return None
+        return self.recommender.search(self.users, self.wanted)
+
+    def finish(self, scored: tuple[Any, Any] | None) -> list[Ranked]:
+        """The answers, in the requests' order, from the scores and positions (tensors or
+        arrays) of the embedded users."""
+        if scored is not None:
+            scores, positions = scored[0].tolist(), scored[1].tolist()
+            pool_ids = self.recommender.pool_ids
+            for j, k in enumerate(self.embedded):
+                items = [
+                    (pool_ids[p], s)
+                    for p, s in zip(positions[j], scores[j], strict=True)
+                    if p >= 0 and p not in self.excluded[j]
+                ]
+                self.ranked[k] = Ranked("adapted", items[: self.requests[k].n])
+        return [self.ranked[k] for k in range(len(self.requests))]
 
 
 class AdaptedRecommender:
@@ -92,23 +123,28 @@ class AdaptedRecommender:
         # the forward over the pool); the mapping variant's index of item-tower vectors, or
         # the other variants' pool half of the MLP's first layer.
         device = loaded.tables.item.device
-        self.pool_rows = torch.as_tensor(rows, dtype=torch.long, device=device)
-        self.pool_pop = torch.log1p(torch.as_tensor(counts, device=device))
+        pool_rows = torch.as_tensor(rows, dtype=torch.long, device=device)
         self.index: Any = None
-        self.pool_half: Tensor | None = None
+        self.pool: RankedPool | None = None
         with torch.no_grad():
-            pool = loaded.tables.item[self.pool_rows]
+            pool = loaded.tables.item[pool_rows]
             if self.spec.variant == "mapping":
                 vectors = item_vector(self.spec, self.params, pool).float().cpu().numpy()
                 self.index = build_index(vectors, faiss_index, faiss_search, faiss_min_pool, device)
             else:
-                # A third of the work of ranking one user, and the same for every user.
-                self.pool_half = pool_first_layer(self.params, pool)
+                # pool_first_layer: a third of the work of ranking one user, the same for all.
+                self.pool = RankedPool(
+                    self.spec,
+                    self.params,
+                    pool_first_layer(self.params, pool),
+                    loaded.tables.item,
+                    pool_rows,
+                    torch.log1p(torch.as_tensor(counts, device=device)),
+                )
 
-    def recommend(self, requests: list[RankRequest]) -> list[Ranked]:
-        """Top-n for each request: the users with an embedding ranked together (one forward
-        over the pool, or one FAISS search, for all of them), the others by the scenario's
-        popularity."""
+    def plan(self, requests: list[RankRequest]) -> RankPlan:
+        """The users without an embedding answered by the scenario's popularity; the others
+        to be ranked together (one forward over the pool, or one FAISS search)."""
         has_embedding = self.loaded.has_embedding
         ranked = {
             k: self._popular(request)
@@ -117,32 +153,24 @@ class AdaptedRecommender:
         }
         embedded = [k for k in range(len(requests)) if k not in ranked]
         if not embedded:
-            return list(ranked.values())
+            return RankPlan(self, requests, ranked, [], [], None, 0, None)
         excluded = [self._excluded(requests[k]) for k in embedded]
         wanted = min(
             max(requests[k].n + len(skip) for k, skip in zip(embedded, excluded, strict=True)),
             len(self.pool_ids),
         )
         rows = [self.loaded.user_rows[requests[k].user] for k in embedded]
-        users = self.loaded.tables.user.index_select(
-            0, torch.as_tensor(rows, device=self.pool_pop.device)
-        )
+        table = self.loaded.tables.user
+        users = table.index_select(0, torch.as_tensor(rows, device=table.device))
+        query = None if self.pool is None else PoolQuery(self.pool, users, wanted)
+        return RankPlan(self, requests, ranked, embedded, excluded, users, wanted, query)
+
+    def search(self, users: Tensor, wanted: int) -> tuple[Any, Any]:
+        """The mapping variant's top `wanted` (scores, positions) for users [U, D]: a FAISS
+        search of the pool's item-tower vectors with their user-tower vectors."""
         with torch.no_grad():
-            if self.index is not None:
-                queries = user_vector(self.spec, self.params, users).float().cpu().numpy()
-                scores, positions = self.index.search(queries, wanted)
-                scores, positions = scores.tolist(), positions.tolist()
-            else:
-                top = torch.topk(self._score_pool(users), wanted, dim=1)
-                scores, positions = top.values.tolist(), top.indices.tolist()
-        for j, k in enumerate(embedded):
-            items = [
-                (self.pool_ids[p], s)
-                for p, s in zip(positions[j], scores[j], strict=True)
-                if p >= 0 and p not in excluded[j]
-            ]
-            ranked[k] = Ranked("adapted", items[: requests[k].n])
-        return [ranked[k] for k in range(len(requests))]
+            queries = user_vector(self.spec, self.params, users).float().cpu().numpy()
+        return self.index.search(queries, wanted)
 
     def _excluded(self, request: RankRequest) -> set[int]:
         return set(self.seen.get(request.user, ())) if request.exclude_seen else set()
@@ -154,25 +182,6 @@ class AdaptedRecommender:
             (k for k in map(int, self.popular_order) if k not in excluded), request.n
         )
         return Ranked("popular", [(self.pool_ids[k], float(self.popular_counts[k])) for k in order])
-
-    def _score_pool(self, users: Tensor) -> Tensor:
-        """Scores [U, P], the pool in chunks so a forward holds about SCORE_CHUNK pairs."""
-        assert self.pool_half is not None  # interaction and hybrid variants
-        # index_select, not indexing with a tensor: several times faster on a pool of hundreds,
-        # and ranking a pool for a user or two is the service's hot path.
-        pool = self.loaded.tables.item.index_select(0, self.pool_rows)
-        chunk = max(1, SCORE_CHUNK // users.shape[0])
-        if pool.shape[0] <= chunk:
-            return score_pool(self.spec, self.params, users, pool, self.pool_pop, self.pool_half)
-        parts = zip(
-            torch.split(pool, chunk),
-            torch.split(self.pool_pop, chunk),
-            torch.split(self.pool_half, chunk),
-            strict=True,
-        )
-        return torch.cat(
-            [score_pool(self.spec, self.params, users, *part) for part in parts], dim=1
-        )
 
 
 _gpu_resources: Any = None

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from model.artifact import PUBLISHED_EVENT
+from model.ranking import kernel_available
 from service.adaptation import (
     AdaptationInputError,
     Registration,
@@ -70,10 +71,14 @@ class ScenarioService:
         self.metrics = metrics
         self.cache = RecommenderCache(settings.cache_scenarios)
         self.revisions = RevisionWatch()
+        # With the compiled ranking kernel, which releases the GIL for a whole batch, every
+        # batch is scored on the batcher's thread, beside the loop (A/B runs with
+        # benchmarks/serving_load.py's generator); without it, small batches on the loop.
+        on_cpu_with_kernel = learners.device.type == "cpu" and kernel_available()
         self.batcher = RecommendBatcher(
             settings.recommend_batch_max,
             settings.recommend_batches,
-            settings.recommend_inline_pairs,
+            0 if on_cpu_with_kernel else settings.recommend_inline_pairs,
             metrics.recommend_batch_size.observe,
         )
         # Adaptations get their own bounded pool; recommends are ranked on the loop or the

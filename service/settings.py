@@ -66,13 +66,15 @@ class Settings(BaseSettings):
     recommend_batches: int = Field(
         1, ge=1, description="batches of recommends ranked at once; more wait for the next"
     )
-    # About 3 ms of ranking on this project's 2-core machine (0.1 µs per pair of the 64-dim
-    # hybrid variant), the longest the event loop is held by it.
+    # Without the compiled ranking kernel: about 3 ms of ranking on this project's 2-core
+    # machine (0.1 µs per pair of the 64-dim hybrid variant), the longest the event loop is
+    # held by it.
     recommend_inline_pairs: int = Field(
         32_768,
         ge=0,
         description="a batch of recommends scoring at most this many (user, item) pairs is "
-        "ranked on the event loop, a larger one on its own thread (0: always the thread)",
+        "ranked on the event loop, a larger one on its own thread (0: always the thread); "
+        "only where the compiled ranking kernel is not available (with it, always the thread)",
     )
     # The defaults: exact below 300,000 items; above, an inverted file over 1,024 lists
     # searching 96 of them (benchmarks/retrieval_scale.py: recall@100 against exact and

@@ -5,7 +5,11 @@ import asyncio
 import threading
 
 import pytest
+import torch
+from test_ranking import pool_query
 
+from model.ranking import PoolQuery, top_k_pools
+from service import batching
 from service.batching import RecommendBatcher
 from service.recommenders import Ranked, RankRequest
 
@@ -13,8 +17,8 @@ pytestmark = pytest.mark.anyio
 
 
 class FakeRecommender:
-    """Ranks a user as its own name; records each call's users and thread; can be held or
-    fail."""
+    """Ranks a user as its own name; records each scoring's users and thread; can be held or
+    fail. Its plans have no pool, so each is scored alone (as a mapping variant's)."""
 
     def __init__(self, name: str, fail: bool = False, pool_size: int = 100) -> None:
         self.name = name
@@ -25,13 +29,27 @@ class FakeRecommender:
         self.release = threading.Event()
         self.release.set()
 
-    def recommend(self, requests: list[RankRequest]) -> list[Ranked]:
-        self.release.wait(timeout=10)
-        self.calls.append([request.user for request in requests])
-        self.threads.append(threading.get_ident())
-        if self.fail:
-            raise RuntimeError(f"{self.name} cannot rank")
-        return [Ranked("adapted", [(f"{self.name}:{r.user}", float(r.n))]) for r in requests]
+    def plan(self, requests: list[RankRequest]) -> "FakePlan":
+        return FakePlan(self, requests)
+
+
+class FakePlan:
+    pool = None
+
+    def __init__(self, recommender: FakeRecommender, requests: list[RankRequest]) -> None:
+        self.recommender, self.requests = recommender, requests
+
+    def score_alone(self) -> list[Ranked]:
+        fake = self.recommender
+        fake.release.wait(timeout=10)
+        fake.calls.append([request.user for request in self.requests])
+        fake.threads.append(threading.get_ident())
+        if fake.fail:
+            raise RuntimeError(f"{fake.name} cannot rank")
+        return [Ranked("adapted", [(f"{fake.name}:{r.user}", float(r.n))]) for r in self.requests]
+
+    def finish(self, scored: list[Ranked]) -> list[Ranked]:
+        return scored
 
 
 def request(user: str) -> RankRequest:
@@ -142,5 +160,64 @@ async def test_small_batches_are_ranked_on_the_loop_and_large_ones_on_a_thread()
         assert small.threads[-1] == loop_thread  # 300 pairs
         await behind_a_held_batch(4)
         assert small.threads[-1] == large.threads[-1] != loop_thread  # 400 pairs
+    finally:
+        batcher.close()
+
+
+class PoolPlan:
+    """A plan with a pool (as an interaction or hybrid recommender's): answers its top items'
+    positions."""
+
+    def __init__(self, pool: PoolQuery, requests: list[RankRequest]) -> None:
+        self.pool, self.requests = pool, requests
+
+    def score_alone(self) -> None:
+        raise AssertionError("a plan with a pool is scored with the batch's pools")
+
+    def finish(self, scored: tuple[torch.Tensor, torch.Tensor]) -> list[Ranked]:
+        indices = scored[1].tolist()
+        return [Ranked("adapted", [(str(p), 0.0) for p in row]) for row in indices]
+
+
+class PoolRecommender(FakeRecommender):
+    def __init__(self, name: str, pool: PoolQuery) -> None:
+        super().__init__(name, pool_size=pool.pool.pool_half.shape[0])
+        self.pool = pool
+
+    def plan(self, requests: list[RankRequest]) -> PoolPlan:  # type: ignore[override]
+        return PoolPlan(self.pool, requests)
+
+
+async def test_a_batchs_pools_are_ranked_in_one_call_and_a_failing_one_fails_alone(monkeypatch):
+    calls: list[int] = []
+
+    def counted(queries: list[PoolQuery]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        calls.append(len(queries))
+        return top_k_pools(queries)
+
+    monkeypatch.setattr(batching, "top_k_pools", counted)
+    batcher = RecommendBatcher(max_batch=8, batches=1, inline_pairs=0, observe_size=lambda _: None)
+    first = PoolRecommender("a", pool_query("interaction", 1, 40, 3, seed=1))
+    second = PoolRecommender("b", pool_query("hybrid", 1, 60, 3, seed=2))
+    broken = PoolRecommender("c", pool_query("interaction", 1, 5, 6, seed=3))  # k > pool
+    holder = FakeRecommender("h")
+    try:
+        holder.release.clear()  # the three queue behind a held batch, then go as one
+        held = asyncio.create_task(batcher.rank(holder, request("u0")))
+        await asyncio.sleep(0.05)
+        tasks = [
+            asyncio.create_task(batcher.rank(recommender, request(f"u{k}")))
+            for k, recommender in enumerate([first, second, broken], start=1)
+        ]
+        await asyncio.sleep(0.05)
+        holder.release.set()
+        await held
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert calls[0] == 3  # all three pools in one call; it failed, so each alone
+        assert sorted(calls[1:]) == [1, 1, 1]
+        for outcome, recommender in zip(outcomes[:2], [first, second], strict=True):
+            want = top_k_pools([recommender.pool])[0][1][0].tolist()
+            assert [item for item, _ in outcome.items] == [str(p) for p in want]
+        assert isinstance(outcomes[2], RuntimeError)
     finally:
         batcher.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import fused_cell
+from model import fused_cell, kernels
 from model.controllers import init_update_controller, update_gates
 from model.learner import adapt, init_meta_params
 from tests.test_learner import make_config, scenario_batches, tables  # noqa: F401
@@ -47,9 +47,9 @@ def instruction_sets() -> list[str]:
 @pytest.fixture(scope="module", params=instruction_sets())
 def extension(request):
     if request.param == torch.backends.cpu.get_cpu_capability():
-        module = fused_cell.load()
+        module = kernels.load()
     else:
-        module = fused_cell.build(request.param)
+        module = kernels.build(request.param)
     assert module is not None, "the fused cell should build on this machine"
     return module
 
@@ -166,26 +166,26 @@ def test_without_a_compiler_adaptation_falls_back_to_the_reference(monkeypatch, 
     def no_compiler(**_kwargs):
         raise RuntimeError("Error building extension: no c++ compiler")
 
-    monkeypatch.setattr(fused_cell.cpp_extension, "load", no_compiler)
-    fused_cell.load.cache_clear()
+    monkeypatch.setattr(kernels.cpp_extension, "load", no_compiler)
+    kernels.load.cache_clear()
     try:
         sizes = [10, 3]
         meta, *_ = controller_inputs(sizes, 1, 16, seed=0)
-        with caplog.at_level(logging.WARNING, logger="model.fused_cell"):
+        with caplog.at_level(logging.WARNING, logger="model.kernels"):
             assert fused_cell.fused_update_gates(meta, sizes, 16) is None
         assert "no c++ compiler" in caplog.text
     finally:
-        fused_cell.load.cache_clear()
+        kernels.load.cache_clear()
 
 
 def test_a_prebuilt_cell_loads_without_a_compiler(tmp_path):
     """What the images do: compile ahead of time (no import while building), then run where
     no compiler is on PATH and torch's extension cache is empty."""
     capability = torch.backends.cpu.get_cpu_capability()
-    fused_cell.prebuild(tmp_path / "site", (capability,))
+    kernels.prebuild(tmp_path / "site", (capability,))
     probe = (
-        "import torch; from model import fused_cell, controllers\n"
-        "module = fused_cell.load(); assert module is not None\n"
+        "import torch; from model import controllers, fused_cell, kernels\n"
+        "module = kernels.load(); assert module is not None\n"
         "print(module.__file__)\n"
         "sizes = [37, 8]; g = torch.Generator().manual_seed(0)\n"
         "meta = controllers.init_update_controller(2, 16, g)\n"

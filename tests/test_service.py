@@ -454,3 +454,44 @@ async def test_concurrent_recommends_ranked_together_equal_one_by_one(
         assert [i["item"] for i in batched["items"]] == [i["item"] for i in alone["items"]]
         for got, want in zip(batched["items"], alone["items"], strict=True):
             assert got["score"] == pytest.approx(want["score"], rel=1e-4, abs=1e-5)
+
+
+async def test_a_batch_over_scenarios_of_every_variant_equals_one_by_one(registry, lastfm_scenario):
+    """One batch holding requests for interaction, hybrid and mapping scenarios: their pools
+    scored in one kernel call, the mapping one searched alone, each answer what ranking it
+    alone gives."""
+    scenario = lastfm_scenario
+    users = [*sorted({i["user"] for i in scenario.interactions})[:6], scenario.eval_user, "x"]
+    variants = ("interaction", "hybrid", "mapping")
+    requests = [
+        {"user": user, "scenario": variant, "n": 4 + k % 5}
+        for k, user in enumerate(users)
+        for variant in variants
+    ]
+    answers = {}
+    for label, batch_max in (("one_by_one", 1), ("batched", 64)):
+        settings = settings_for(registry, "memory", "v", recommend_batch_max=batch_max)
+        async with running(settings) as (app, client):
+            # With the compiled kernel on the CPU every batch is scored on the thread.
+            assert app.state.service.batcher.inline_pairs == 0
+            for variant in variants:
+                body = scenario.body(variant=variant)
+                (await client.post(f"/scenarios/{variant}/adapt", json=body)).raise_for_status()
+            responses = await asyncio.gather(
+                *(client.get("/recommend", params=params) for params in requests)
+            )
+            answers[label] = [response.json() for response in responses]
+            metrics = (await client.get("/metrics")).text
+        if batch_max > 1:  # most were ranked in batches, so batches over several scenarios
+            assert metric(metrics, "s2meta_recommend_batch_size_count") < len(requests) / 2
+    for batched, alone in zip(answers["batched"], answers["one_by_one"], strict=True):
+        assert [i["item"] for i in batched["items"]] == [i["item"] for i in alone["items"]]
+        for got, want in zip(batched["items"], alone["items"], strict=True):
+            assert got["score"] == pytest.approx(want["score"], rel=1e-4, abs=1e-5)
+
+
+async def test_without_the_ranking_kernel_small_batches_stay_on_the_loop(registry, monkeypatch):
+    monkeypatch.setattr(scenarios_module, "kernel_available", lambda: False)
+    settings = settings_for(registry, "memory", "k", recommend_inline_pairs=1234)
+    async with running(settings) as (app, _):
+        assert app.state.service.batcher.inline_pairs == 1234

@@ -18,6 +18,8 @@
 #include <cstring>
 #include <vector>
 
+#include "rank_pools.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -562,4 +564,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("update_gates", &update_gates, "fused update-controller step");
   module.def("update_gates_backward", &update_gates_backward,
              "gradients of the update controller's weights through one fused step");
+  // The GIL released for the whole call, arguments converted before and results after.
+  module.def("top_k_pools", &top_k_pools, "top-k of several recommenders' pools at once",
+             pybind11::call_guard<pybind11::gil_scoped_release>());
 }
