@@ -176,11 +176,17 @@ def run_generator(url: str, pairs: Path, concurrency: int, seconds: float, serve
     """One run of the generator in a process of its own, so it does not share the server's:
     what it measured (`summarise` makes figures of runs) and the server's CPU seconds over
     the run."""
-    command = [sys.executable, "-m", "benchmarks.serving_load", "generate", url, str(pairs)]
-    command += ["--concurrency", str(concurrency), "--seconds", str(seconds)]
-    server_cpu = cpu_seconds(server_pid)
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
-    return {**json.loads(done.stdout), "server_cpu_s": cpu_seconds(server_pid) - server_cpu}
+    # The figures come back in a file, not on the generator's stdout: read from its pipe, a
+    # run's JSON (over 100 KiB of latencies) came back broken by a newline at a multiple of
+    # 64 KiB, twice in this project's runs.
+    with tempfile.TemporaryDirectory(prefix="s2meta-generator-") as scratch:
+        out = Path(scratch) / "figures.json"
+        command = [sys.executable, "-m", "benchmarks.serving_load", "generate", url, str(pairs)]
+        command += ["--concurrency", str(concurrency), "--seconds", str(seconds), "--out", str(out)]
+        server_cpu = cpu_seconds(server_pid)
+        subprocess.run(command, check=True)
+        figures = json.loads(out.read_text())
+    return {**figures, "server_cpu_s": cpu_seconds(server_pid) - server_cpu}
 
 
 def summarise(parts: list[dict]) -> dict:
@@ -349,6 +355,7 @@ def main() -> int:
     generate_cmd.add_argument("pairs", type=Path)
     generate_cmd.add_argument("--concurrency", type=int, required=True)
     generate_cmd.add_argument("--seconds", type=float, required=True)
+    generate_cmd.add_argument("--out", type=Path, required=True, help="where its JSON goes")
     parser.add_argument("--seconds", type=float, default=10.0, help="per run (default 10)")
     parser.add_argument("--levels", default="1,8,32", help="concurrency levels (default 1,8,32)")
     parser.add_argument(
@@ -378,7 +385,7 @@ def main() -> int:
     if args.command == "generate":
         pairs = json.loads(args.pairs.read_text())
         figures = uvloop.run(generate(args.url, pairs, args.concurrency, args.seconds))
-        print(json.dumps(figures))
+        args.out.write_text(json.dumps(figures))
         return 0
 
     if args.rounds < 1:
