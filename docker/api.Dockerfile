@@ -4,7 +4,7 @@
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-# A compiler for the compiled kernels, in this stage only.
+# A compiler for the kernels of model/kernels.py, in this stage only.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \

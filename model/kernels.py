@@ -63,7 +63,7 @@ def load() -> ModuleType | None:
 
 
 def build(capability: str) -> ModuleType:
-    """Compile (or find in torch's cache) and import the cell for this machine."""
+    """Compile (or find in torch's cache) and import the module for this machine."""
     _ninja_on_path()
     return cpp_extension.load(
         name=extension_name(capability),
@@ -82,7 +82,7 @@ def _ninja_on_path() -> None:
 
 
 def prebuild(target: Path, capabilities: tuple[str, ...] = ("DEFAULT", "AVX2", "AVX512")) -> None:
-    """Compile the cell for each CPU capability (torch's names) into importable modules in
+    """Compile the module for each CPU capability (torch's names) into importable modules in
     `target` (a directory on sys.path, e.g. site-packages), without importing them (the
     building machine need not run every instruction set), for environments without a
     compiler."""
