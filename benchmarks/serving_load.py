@@ -7,7 +7,8 @@ server processes, default one), with a meta learner trained on LastFM with a tin
 (64-dim embeddings) and the LastFM meta-test scenarios whose pools hold 300 to 1,000
 candidates registered first. The bare endpoint (benchmarks/bare_app.py) answers a constant
 JSON of the same shape and size under uvicorn with the same settings (uvloop and httptools,
-as `s2meta serve`, and as many worker processes). The load generator is a separate process
+as `s2meta serve`, as many worker processes, and the access log on or off as
+S2META_ACCESS_LOG says). The load generator is a separate process
 on loopback (asyncio on uvloop with plain HTTP/1.1, one keep-alive connection per concurrent
 worker, bounded in time), each request a random (evaluation user, scenario) pair. Reported
 per target and level: requests/s, p50/p95/p99 latency in ms, and the CPU time per request of
@@ -52,6 +53,7 @@ from benchmarks.soak import (
     percentile,
     stop_process,
 )
+from service.settings import Settings
 
 POOL_RANGE = (300, 1000)
 PROFILE_TOP = 25
@@ -212,6 +214,8 @@ def summarise(parts: list[dict]) -> dict:
 def start_bare(port: int, log: Path, workers: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "uvicorn", "benchmarks.bare_app:app", "--port", str(port)]
     command += ["--workers", str(workers), "--log-level", "info"]
+    # The service's access-log setting (S2META_ACCESS_LOG, read from this environment too).
+    command += ["--access-log" if Settings().access_log else "--no-access-log"]
     server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while True:

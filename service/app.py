@@ -22,7 +22,7 @@ from service.adaptation import AdaptationInputError
 from service.learners import MetaLearners, resolve_device
 from service.limits import BodySizeLimit
 from service.metrics import ServiceMetrics
-from service.routes import router
+from service.routes import DirectRoutes, router
 from service.scenarios import (
     NoMetaLearnerError,
     QueueFullError,
@@ -127,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.add_middleware(DirectRoutes, fastapi_app=app)
     # Added first, so it runs inside CORS and the latency middleware: 413s get CORS headers
     # and are counted.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

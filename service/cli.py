@@ -75,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=args.host or settings.host,
             port=args.port or settings.port,
             log_level=args.log_level,
+            access_log=settings.access_log,
         )
     finally:
         if made_metrics_dir:

@@ -5,13 +5,15 @@ import secrets
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic_core import to_json
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.scenarios import ScenarioService
 from service.schemas import (
@@ -118,13 +120,60 @@ def query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
 class DirectRoute(APIRoute):
     """A route whose endpoint takes the request alone and returns a Response, and is called
     as it is: without FastAPI's per-request handler (dependency solving, parameter
-    validation, response-model serialisation, its telemetry hooks). Its OpenAPI operation is
-    declared as any route's; its errors go to the app's exception handlers."""
+    validation, response-model serialisation, its telemetry hooks). `DirectRoutes` answers it
+    ahead of the router; where the router reaches it all the same, it is called the same way.
+    Its OpenAPI operation is declared as any route's; its errors go to the app's exception
+    handlers."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         if list(inspect.signature(self.endpoint).parameters) != ["request"]:
             raise TypeError(f"{self.path}: a DirectRoute endpoint takes the request alone")
         return self.endpoint
+
+
+class DirectRoutes:
+    """Middleware that answers the app's DirectRoutes itself, ahead of the app's inner layers
+    (FastAPI's exception and exit-stack middleware, the router, the route's wrapper): under
+    load those layers cost as much CPU as the recommend itself (benchmarks/serving_load.py).
+    Add it innermost; the user middleware added after it runs around it as around any route.
+    A request matches on its exact method and path; the scope gets the route, as the router
+    would give it. Errors go to the app's exception handlers, looked up as Starlette's
+    exception middleware looks them up (by status for an HTTPException, else by class); any
+    other error propagates to the app's server-error middleware, as it does from a route."""
+
+    def __init__(self, app: ASGIApp, fastapi_app: FastAPI) -> None:
+        self.app = app
+        self.exception_handlers = fastapi_app.exception_handlers
+        self.routes = {
+            (method, route.path): route
+            for route in fastapi_app.router.routes
+            if isinstance(route, DirectRoute)
+            for method in route.methods
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = None
+        if scope["type"] == "http":
+            route = self.routes.get((scope["method"], scope["path"]))
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        scope.update(endpoint=route.endpoint, path_params={}, route=route)
+        request = Request(scope, receive)
+        try:
+            response = await route.endpoint(request)
+        except Exception as error:  # to its handler, or raised again
+            handler = self._handler(error)
+            if handler is None:
+                raise
+            response = await handler(request, error)
+        await response(scope, receive, send)
+
+    def _handler(self, error: Exception) -> Callable[..., Any] | None:
+        handlers = self.exception_handlers
+        if isinstance(error, StarletteHTTPException) and error.status_code in handlers:
+            return handlers[error.status_code]
+        return next((handlers[cls] for cls in type(error).__mro__ if cls in handlers), None)
 
 
 # The hot route, a DirectRoute declared first (routes are matched in order). It checks the

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         description="server processes of s2meta serve on its one port (the kernel spreads the "
         "connections); more than one needs S2META_REDIS_URL, and /metrics then covers all",
     )
+    # Off by default: uvicorn's line per request cost about 0.1 ms of CPU each under load
+    # (benchmarks/serving_load.py, against the bare endpoint with and without it), a sixth of a
+    # recommend; every request is counted and timed by route and status in /metrics anyway.
+    access_log: bool = Field(
+        False, description="uvicorn's access log, a line per request (s2meta serve)"
+    )
     torch_threads: int = Field(
         1,
         ge=1,

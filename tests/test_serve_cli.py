@@ -123,11 +123,14 @@ def test_a_server_process_becomes_ready_and_serves(registry, lastfm_scenario, tm
         params = {"user": lastfm_scenario.eval_user, "scenario": lastfm_scenario.scenario_id}
         served = httpx.get(f"{base}/recommend", params=params, timeout=10).json()
         assert len(served["items"]) == 10 and served["meta_learner"] == "v0001"
+    # The access log is off unless S2META_ACCESS_LOG is set (the workers' test sets it).
+    assert '"GET /recommend?' not in (tmp_path / "serve.log").read_text()
 
 
 def test_workers_share_the_port_redis_and_metrics(registry, lastfm_scenario, namespace, tmp_path):
     """Two worker processes: a scenario adapted through one is served by both, and /metrics,
-    whichever worker answers it, counts every worker's requests (multiprocess mode)."""
+    whichever worker answers it, counts every worker's requests (multiprocess mode); the
+    access log, set on, has a line per recommend."""
     metrics_dir = tmp_path / "metrics"
     env = {
         "S2META_REGISTRY": str(registry),
@@ -135,6 +138,7 @@ def test_workers_share_the_port_redis_and_metrics(registry, lastfm_scenario, nam
         "S2META_NAMESPACE": namespace,
         "S2META_WORKERS": "2",
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "S2META_ACCESS_LOG": "true",
     }
     metrics_dir.mkdir()
     (metrics_dir / "counter_1.db").write_bytes(b"a previous run's file")  # must be emptied
@@ -153,6 +157,8 @@ def test_workers_share_the_port_redis_and_metrics(registry, lastfm_scenario, nam
             httpx.get(f"{base}/metrics", timeout=10).text for _ in range(4)
         ]  # answered by either worker: each must see the total
     assert len(rankings) == 1  # the same adapted recommender in both
+    # The access log, asked for: a line per recommend, from whichever worker answered it.
+    assert (tmp_path / "serve.log").read_text().count('"GET /recommend?') == recommends
     assert len(histograms) == 2, histograms  # one per worker process
     line = (
         's2meta_request_seconds_count{method="GET",route="/recommend",status="200"} '
