@@ -7,18 +7,19 @@ server processes, default one), with a meta learner trained on LastFM with a tin
 (64-dim embeddings) and the LastFM meta-test scenarios whose pools hold 300 to 1,000
 candidates registered first. The bare endpoint (benchmarks/bare_app.py) answers a constant
 JSON of the same shape and size under uvicorn with the same settings (uvloop and httptools,
-as `s2meta serve`, as many worker processes, and the access log on or off as
-S2META_ACCESS_LOG says). The load generator is a separate process
-on loopback (asyncio on uvloop with plain HTTP/1.1, one keep-alive connection per concurrent
-worker, bounded in time), each request a random (evaluation user, scenario) pair. Reported
-per target and level: requests/s, p50/p95/p99 latency in ms, and the CPU time per request of
-the server's processes and of the generator; the service's throughput as a share of the bare
-endpoint's (the ratio is what carries over between machines, these ones being noisy). At each
-level the two targets run in alternating rounds (--rounds, of seconds / rounds each), their
-figures over all their rounds, so that the machine's speed changing during the run falls on
-both alike;
-recommend p99 with adaptations posted during the load against without; and the top level
-again with dynamic batching of recommends off (S2META_RECOMMEND_BATCH_MAX=1) against on.
+as `s2meta serve`, as many worker processes, the access log on or off as S2META_ACCESS_LOG
+says). The load generator is a separate process on loopback (asyncio on uvloop with plain
+HTTP/1.1, one keep-alive connection per concurrent worker, bounded in time), each request a
+random (evaluation user, scenario) pair. Reported per target and level: requests/s,
+p50/p95/p99 latency in ms, and the CPU time per request of the server's processes and of the
+generator; the service's throughput as a share of the bare endpoint's (the ratio is what
+carries over between machines, these ones being noisy). At each level the two targets run in
+alternating rounds (--rounds, of seconds / rounds each), their figures over all their
+rounds, so that the machine's speed changing during the run falls on both alike. Then, at the
+top level: recommend p99 with adaptations posted during the load against without; the
+service with dynamic batching of recommends off (S2META_RECOMMEND_BATCH_MAX=1) against on;
+and the service with uvicorn's access log the other way round (what a line per request
+costs).
 
 At the top level, whether the targets (TARGET_*) are met, the bare endpoint's own p99 beside
 the service's. The service runs on the device S2META_DEVICE names (auto: CUDA when there is
@@ -211,11 +212,10 @@ def summarise(parts: list[dict]) -> dict:
     }
 
 
-def start_bare(port: int, log: Path, workers: int) -> subprocess.Popen:
+def start_bare(port: int, log: Path, workers: int, access_log: bool) -> subprocess.Popen:
     command = [sys.executable, "-m", "uvicorn", "benchmarks.bare_app:app", "--port", str(port)]
     command += ["--workers", str(workers), "--log-level", "info"]
-    # The service's access-log setting (S2META_ACCESS_LOG, read from this environment too).
-    command += ["--access-log" if Settings().access_log else "--no-access-log"]
+    command += ["--access-log" if access_log else "--no-access-log"]
     server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while True:
@@ -294,6 +294,27 @@ def _function(frame: str) -> str:
     return f"{name} ({Path(where.rstrip(')').rpartition(':')[0]).name})" if where else name
 
 
+def flipped_log_target(access_log: bool) -> str:
+    """The name of the service's run with the access log the other way round."""
+    return f"service, access log {'off' if access_log else 'on'}"
+
+
+def access_log_cost(by: dict[tuple[str, int], dict], top: int, access_log: bool) -> dict:
+    """What uvicorn's access log costs at the top level: server CPU per request with it on
+    less with it off, and throughput with it off over with it on (the service's main run,
+    with the setting as it is, against its run with the setting flipped)."""
+    runs = {
+        access_log: by[("service", top)],
+        not access_log: by[(flipped_log_target(access_log), top)],
+    }
+    return {
+        "on_in_main_runs": access_log,
+        "cpu_ms_per_request": runs[True]["server_cpu_ms_per_request"]
+        - runs[False]["server_cpu_ms_per_request"],
+        "throughput_gain_off": runs[False]["requests_per_s"] / runs[True]["requests_per_s"],
+    }
+
+
 def check_targets(by: dict[tuple[str, int], dict], top: int) -> dict:
     """The targets at the top level, each with its value and whether it is met. The bare
     endpoint's p99 stands beside the service's: where the framework alone misses the p99
@@ -334,6 +355,11 @@ def print_table(figures: dict) -> None:
         print(f"service throughput / bare at concurrency {level}: {share:.1%}")
     print(f"recommend p99 with adaptations / without: {figures['p99_ratio_under_adaptation']:.2f}")
     print(f"throughput with dynamic batching / without: {figures['batching_throughput_gain']:.2f}")
+    access = figures["access_log"]
+    print(
+        f"uvicorn's access log: {access['cpu_ms_per_request']:+.3f} ms of server CPU per request "
+        f"with it on; throughput with it off / on: {access['throughput_gain_off']:.2f}"
+    )
     goals = figures["targets"]
     met = {True: "met", False: "missed"}
     print(
@@ -395,6 +421,7 @@ def main() -> int:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     levels = [int(level) for level in args.levels.split(",")]
+    access_log = Settings().access_log  # the service's (and the bare endpoint's) setting
     with tempfile.TemporaryDirectory(prefix="s2meta-load-") as scratch:
         root = Path(scratch)
         stack = Stack(root, secrets.token_hex(16))
@@ -407,7 +434,7 @@ def main() -> int:
             pairs_path = root / "pairs.json"
             pairs_path.write_text(json.dumps(pairs))
             bare_port = free_port()
-            bare = start_bare(bare_port, root / "bare.log", args.workers)
+            bare = start_bare(bare_port, root / "bare.log", args.workers, access_log)
             bare_url = f"http://127.0.0.1:{bare_port}"
             print(
                 f"serving_load: {len(scenarios)} scenarios of {POOL_RANGE[0]}-{POOL_RANGE[1]} "
@@ -465,6 +492,14 @@ def main() -> int:
                 [run_generator(stack.base_url, pairs_path, top, args.seconds, stack.api.pid)]
             )
             runs.append({"target": "service, batching off", "concurrency": top, **figures})
+            # And with uvicorn's access log the other way round (S2META_ACCESS_LOG), to show
+            # what a line per request costs.
+            stack.stop_api()
+            stack.start_api({**workers, "S2META_ACCESS_LOG": str(not access_log).lower()})
+            figures = summarise(
+                [run_generator(stack.base_url, pairs_path, top, args.seconds, stack.api.pid)]
+            )
+            runs.append({"target": flipped_log_target(access_log), "concurrency": top, **figures})
         finally:
             if bare is not None:
                 stop_process(bare)
@@ -490,6 +525,7 @@ def main() -> int:
         / by[("service", top)]["ms"]["p99"],
         "batching_throughput_gain": by[("service", top)]["requests_per_s"]
         / by[("service, batching off", top)]["requests_per_s"],
+        "access_log": access_log_cost(by, top, access_log),
         "targets": check_targets(by, top),
         **({"profile": profile} if profile is not None else {}),
     }

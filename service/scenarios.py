@@ -71,6 +71,7 @@ class ScenarioService:
         self.metrics = metrics
         self.cache = RecommenderCache(settings.cache_scenarios)
         self.revisions = RevisionWatch()
+        self._loading: dict[tuple[str, int], asyncio.Future[AdaptedRecommender]] = {}
         # With the compiled ranking kernel, which releases the GIL for a whole batch, every
         # batch is scored on the batcher's thread, beside the loop (A/B runs with
         # benchmarks/serving_load.py's generator); without it, small batches on the loop.
@@ -208,6 +209,24 @@ class ScenarioService:
             self.metrics.cache_hits.inc()
             return cached
         self.metrics.cache_misses.inc()
+        return await self._load(scenario_id, revision)
+
+    async def _load(self, scenario_id: str, revision: int) -> AdaptedRecommender:
+        """The scenario's recommender fetched from the store and built, once for all the
+        requests that miss the cache on one revision at the same time: each of them did both
+        before, and after an adaptation under load every request for the scenario in flight
+        then fetched and built it again."""
+        key = (scenario_id, revision)
+        loading = self._loading.get(key)
+        if loading is None:
+            loading = asyncio.ensure_future(self._fetch_and_build(scenario_id))
+            self._loading[key] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(key, None))
+        # Shielded: a request that goes away does not cancel the load the others wait for.
+        # An error reaches every request waiting; the next miss loads again.
+        return await asyncio.shield(loading)
+
+    async def _fetch_and_build(self, scenario_id: str) -> AdaptedRecommender:
         stored = await self.store.get(scenario_id)
         if stored is None:  # deleted between the two reads
             raise ScenarioNotFoundError(scenario_id)

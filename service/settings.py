@@ -51,9 +51,9 @@ class Settings(BaseSettings):
         description="server processes of s2meta serve on its one port (the kernel spreads the "
         "connections); more than one needs S2META_REDIS_URL, and /metrics then covers all",
     )
-    # Off by default: uvicorn's line per request cost about 0.1 ms of CPU each under load
-    # (benchmarks/serving_load.py, against the bare endpoint with and without it), a sixth of a
-    # recommend; every request is counted and timed by route and status in /metrics anyway.
+    # Off by default: under load uvicorn's line per request costs a share of a recommend's CPU
+    # (benchmarks/serving_load.py runs the service with it flipped and prints what it costs),
+    # and every request is counted and timed by route and status in /metrics anyway.
     access_log: bool = Field(
         False, description="uvicorn's access log, a line per request (s2meta serve)"
     )
