@@ -178,9 +178,10 @@ def test_without_a_compiler_adaptation_falls_back_to_the_reference(monkeypatch, 
         kernels.load.cache_clear()
 
 
-def test_a_prebuilt_cell_loads_without_a_compiler(tmp_path):
+def test_prebuilt_kernels_load_without_a_compiler(tmp_path):
     """What the images do: compile ahead of time (no import while building), then run where
-    no compiler is on PATH and torch's extension cache is empty."""
+    no compiler is on PATH and torch's extension cache is empty: both kernels of the module,
+    the fused cell and the ranking kernel, agree with their references."""
     capability = torch.backends.cpu.get_cpu_capability()
     kernels.prebuild(tmp_path / "site", (capability,))
     probe = (
@@ -196,6 +197,19 @@ def test_a_prebuilt_cell_loads_without_a_compiler(tmp_path):
         "    got = gates(meta, sizes, *args, *[gates.zero_state(1, args[0])] * 2)\n"
         "for a, b in zip(want[:2], got[:2]):\n"
         "    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)\n"
+        "from model import ranking, recommender\n"
+        "spec = recommender.RecommenderSpec('hybrid', 16)\n"
+        "params = recommender.init_params(spec, g)\n"
+        "table, rows = torch.randn(80, 16, generator=g), torch.arange(0, 80, 2)\n"
+        "with torch.no_grad():\n"
+        "    half = recommender.pool_first_layer(params, table[rows])\n"
+        "pool = ranking.RankedPool(spec, params, half, table, rows, torch.rand(40))\n"
+        "query = ranking.PoolQuery(pool, torch.randn(3, 16, generator=g), 5)\n"
+        "assert ranking.kernel_available() and pool.kernel_applies\n"
+        "((values, indices),) = ranking.top_k_pools([query])\n"
+        "want_values, want_indices = ranking._top_k_reference(query, ranking.SCORE_CHUNK)\n"
+        "torch.testing.assert_close(values, want_values, rtol=1e-5, atol=1e-6)\n"
+        "assert torch.equal(indices, want_indices)\n"
     )
     bare_path = tmp_path / "bin"
     bare_path.mkdir()  # nothing on PATH: no compiler, no ninja
