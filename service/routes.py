@@ -134,13 +134,13 @@ class DirectRoute(APIRoute):
 
 class DirectRoutes:
     """Middleware that answers the app's DirectRoutes itself, ahead of the app's inner layers
-    (FastAPI's exception and exit-stack middleware, the router, the route's wrapper): under
-    load those layers cost as much CPU as the recommend itself (benchmarks/serving_load.py).
-    Add it innermost; the user middleware added after it runs around it as around any route.
-    A request matches on its exact method and path; the scope gets the route, as the router
-    would give it. Errors go to the app's exception handlers, looked up as Starlette's
-    exception middleware looks them up (by status for an HTTPException, else by class); any
-    other error propagates to the app's server-error middleware, as it does from a route."""
+    (FastAPI's exception and exit-stack middleware, the router, the route's wrapper), which
+    showed in profiles under load (benchmarks/serving_load.py --profile). Add it innermost:
+    the user middleware added after it runs around it as around any route. A request
+    matches on its exact method and path; the scope gets the route, as the router would give
+    it. Errors go to the app's exception handlers, looked up as Starlette's exception
+    middleware looks them up (by status for an HTTPException, else by class); any other
+    error propagates to the app's server-error middleware, as it does from a route."""
 
     def __init__(self, app: ASGIApp, fastapi_app: FastAPI) -> None:
         self.app = app
