@@ -458,8 +458,9 @@ def assert_same_ranking(got: list[dict], want: list[dict]) -> None:
     """The same scores in the same order (to float rounding: products in a batch take other
     paths than alone), and the same item at each score that no other item in the list ties
     with. Tied items come in any order (a user whose MLP scores are all zero after the ReLU
-    ties every item), so a run of ties is compared as a set of items, and a run that ends the
-    list not at all: which of the tied items make the top n is arbitrary."""
+    ties every item), so a run of ties is compared as a set of items, and a run of ties that
+    ends the list is not compared item by item: which of the tied items make the top n is
+    arbitrary."""
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert g["score"] == pytest.approx(w["score"], rel=1e-4, abs=1e-5)
