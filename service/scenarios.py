@@ -71,7 +71,7 @@ class ScenarioService:
         self.metrics = metrics
         self.cache = RecommenderCache(settings.cache_scenarios)
         self.revisions = RevisionWatch()
-        self._loading: dict[tuple[str, int], asyncio.Future[AdaptedRecommender]] = {}
+        self._loading: dict[tuple[str, int], asyncio.Task[AdaptedRecommender]] = {}
         # With the compiled ranking kernel, which releases the GIL for a whole batch, every
         # batch is scored on the batcher's thread, beside the loop (A/B runs with
         # benchmarks/serving_load.py's generator); without it, small batches on the loop.
@@ -219,7 +219,7 @@ class ScenarioService:
         key = (scenario_id, revision)
         loading = self._loading.get(key)
         if loading is None:
-            loading = asyncio.ensure_future(self._fetch_and_build(scenario_id))
+            loading = asyncio.create_task(self._fetch_and_build(scenario_id))
             self._loading[key] = loading
             loading.add_done_callback(lambda _: self._loading.pop(key, None))
         # Shielded: a request that goes away does not cancel the load the others wait for.
