@@ -3,8 +3,8 @@
 # on the device (1,024 scenarios in one batch), and with the service on the device the serving
 # benchmark (5 s per run at 1, 32 and 128 connections) and re-adaptation after a hot reload
 # (1,024 scenarios, batches of 1 and 256). Figures land in benchmarks/results/*_<device>.json
-# and, when $OUT is set, there too. The device is $S2META_DEVICE, default cuda; cpu rehearses
-# the script on a machine without a GPU.
+# and, when $OUT is set, there too, each as soon as it is written. The device is
+# $S2META_DEVICE, default cuda; cpu rehearses the script on a machine without a GPU.
 #
 # Python, in this order:
 # - with .gpu/ (`python -m benchmarks.gpu_bundle` made it on a machine with the package index;
@@ -43,13 +43,19 @@ fi
 "$python" -c "import torch; print('gpu.sh: torch', torch.__version__, 'on', '$device',
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 export S2META_DEVICE=$device
+# Each result goes to $OUT as soon as it is written: a run stopped at the device's time limit
+# still brings back what it finished.
+keep() {
+  if [ -n "${OUT:-}" ]; then cp "benchmarks/results/$1.json" "$OUT/"; fi
+  echo "gpu.sh: $1 done at ${SECONDS} s"
+}
 "$python" -m benchmarks.adaptation_speed --device "$device" --batch-scenarios 1024 --repeats 20
-results=("benchmarks/results/adaptation_speed_$device.json")
+keep "adaptation_speed_$device"
 if command -v redis-server >/dev/null; then
   "$python" -m benchmarks.serving_load --seconds 5 --levels 1,32,128 --name "serving_load_$device"
+  keep "serving_load_$device"
   "$python" -m benchmarks.readapt --scenarios 1024 --batches 1,256 --name "readapt_$device"
-  results+=("benchmarks/results/serving_load_$device.json" "benchmarks/results/readapt_$device.json")
+  keep "readapt_$device"
 else
   echo "gpu.sh: no redis-server: the service benchmarks are skipped" >&2
 fi
-if [ -n "${OUT:-}" ]; then cp "${results[@]}" "$OUT/"; fi
