@@ -60,6 +60,8 @@ SYSTEM_LIBRARIES = re.compile(
     r"^(linux-vdso|ld-linux|libc|libm|libdl|libpthread|librt|libstdc\+\+|libgcc_s)\b"
 )
 DATA_FILES = ("LastFM.txt", "LastFM_item2attributes.json")
+# What the device tool takes to the lent machine: the working tree and the carried paths.
+CARRY_LIMIT_MIB = 64
 
 
 def distribution_name(requirement: str) -> str:
@@ -149,6 +151,20 @@ def size_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
+def working_tree_mib() -> float:
+    """What travels beside the bundle: tracked files and the untracked ones git does not
+    ignore."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    files = [ROOT / name for name in listed if name and (ROOT / name).is_file()]
+    return sum(path.stat().st_size for path in files) / 2**20
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--python-version", default="3.12", help="the device's Python (3.12)")
@@ -183,7 +199,11 @@ def main() -> int:
     )
     print(f"{len(pins)} wheels for Python {args.python_version}: {' '.join(n for n, _ in pins)}")
     print(f"redis: {version.stdout.strip()}")
-    print(f"wrote {args.out}: {size_mib(args.out):.1f} MiB (the device carries at most 64 MiB)")
+    bundle_mib, tree_mib = size_mib(args.out), working_tree_mib()
+    print(f"wrote {args.out}: {bundle_mib:.1f} MiB; the working tree, {tree_mib:.1f} MiB more")
+    if bundle_mib + tree_mib > CARRY_LIMIT_MIB:
+        print(f"gpu_bundle: over the {CARRY_LIMIT_MIB} MiB the device carries", file=sys.stderr)
+        return 1
     return 0
 
 
