@@ -31,7 +31,8 @@ from benchmarks.report import DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 # Held by the device image and too large to carry (the carried tree is limited to 64 MiB):
-# torch alone is gigabytes, scipy tens of megabytes. pip's own tools stay the image's too.
+# torch alone is gigabytes, scipy tens of megabytes. setuptools stays the image's: gpu.sh's
+# editable install of s2meta builds with it.
 IMAGE_HOLDS = frozenset(
     {
         "torch",
@@ -44,7 +45,6 @@ IMAGE_HOLDS = frozenset(
         "pillow",
         "ninja",
         "setuptools",
-        "pip",
     }
 )
 # Beyond what s2meta declares: the benchmarks' HTTP client (the dev extra holds it here).

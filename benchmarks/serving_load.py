@@ -17,10 +17,9 @@ carries over between machines, these ones being noisy). At each level the two ta
 alternating rounds (--rounds, of seconds / rounds each), their figures over all their
 rounds, so that the machine's speed changing during the run falls on both alike. Then, at 32
 connections (the targets' level; the top level when 32 is not among the levels): recommend
-p99 with adaptations posted during the load against without; the
-service with dynamic batching of recommends off (S2META_RECOMMEND_BATCH_MAX=1) against on;
-and the service with uvicorn's access log the other way round (what a line per request
-costs).
+p99 with adaptations posted during the load against without; the service with dynamic
+batching of recommends off (S2META_RECOMMEND_BATCH_MAX=1) against on; and the service with
+uvicorn's access log the other way round (what a line per request costs).
 
 There, whether the targets (TARGET_*) are met, the bare endpoint's own p99 beside the
 service's. The service runs on the device S2META_DEVICE names (auto: CUDA when there is
