@@ -57,7 +57,7 @@ MANYLINUX_TAGS = (
 )
 # The C runtime and the compiler's support libraries: every machine has its own, newer ones.
 SYSTEM_LIBRARIES = re.compile(
-    r"^(linux-vdso|ld-linux|libc|libm|libdl|libpthread|librt|libstdc\+\+|libgcc_s)\b"
+    r"^(linux-vdso|ld-linux)|^(libc|libm|libdl|libpthread|librt|libstdc\+\+|libgcc_s)\.so"
 )
 DATA_FILES = ("LastFM.txt", "LastFM_item2attributes.json")
 # What the device tool takes to the lent machine: the working tree and the carried paths.
