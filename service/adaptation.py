@@ -12,12 +12,9 @@ from safetensors.torch import save
 
 from model.learner import AdaptResult
 from model.scenario import ScenarioInput, adapt_scenarios
+from service.errors import AdaptationInputError
 from service.learners import LoadedVersion
 from service.store import ScenarioState
-
-
-class AdaptationInputError(ValueError):
-    """The registered interactions or candidates cannot be adapted on (a 422's reason)."""
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""The FastAPI application: settings in, lifespan loads the meta learner and opens the store,
-routes are thin over ScenarioService."""
+"""The FastAPI application: settings in; lifespan loads the meta learner, opens the store
+and starts the lifecycle; routes are thin over ScenarioService; errors answered by the table
+in service.errors."""
 
 import gc
 import importlib
@@ -9,37 +10,29 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from prometheus_client import Histogram
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from model.errors import ArtifactError
-from service.adaptation import AdaptationInputError
+from service.direct_routes import DirectRoutes
+from service.errors import register_error_handlers
 from service.learners import MetaLearners, resolve_device
+from service.lifecycle import MetaLearnerLifecycle
 from service.limits import BodySizeLimit
 from service.metrics import ServiceMetrics
-from service.routes import DirectRoutes, router
-from service.scenarios import (
-    NoMetaLearnerError,
-    QueueFullError,
-    ScenarioNotFoundError,
-    ScenarioService,
-)
+from service.routes import router
+from service.scenarios import ScenarioService
 from service.settings import Settings
-from service.store import StoreError, open_store
+from service.store import open_store
 
 logger = logging.getLogger(__name__)
 
 
 class RequestLatency:
-    """s2meta_request_seconds by method, route template and status. Plain ASGI rather than
-    `@app.middleware("http")`, whose wrapper (a task group and a streamed copy of every
-    response) stood out in the profile under load (benchmarks/serving_load.py --profile).
-    An error that escapes the app counts as 500 and propagates."""
+    """s2meta_request_seconds by method, route template and status. Plain ASGI: the wrapper
+    of `@app.middleware("http")` costs every request (docs/performance.md). An error that
+    escapes the app counts as 500 and propagates."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
         self.app = app
@@ -70,17 +63,15 @@ class RequestLatency:
             histogram.observe(time.perf_counter() - start)
 
 
-# Imported by serving on first use: torch.func's gradient imports torch._dynamo on the first
-# adaptation (with sympy, about 117,000 objects), numpy.unique imports numpy.ma and
-# numpy.ctypeslib, and the first mapping-variant recommender faiss (about 12,000 objects).
+# What serving would import on first use: torch.func's gradient (torch._dynamo, with sympy),
+# numpy.unique (numpy.ma, numpy.ctypeslib), and the mapping variant's faiss.
 LAZY_IMPORTS = ("torch._dynamo", "numpy.ma", "numpy.ctypeslib")
 
 
 def import_lazy_dependencies() -> None:
-    """Import at start-up, before gc.freeze, what serving would otherwise import on first use
-    (tests/test_startup.py holds serving to importing nothing later). Imported later, those
-    objects stayed in every full collection's walk: after the first adaptations recommend's
-    p99 under load about tripled."""
+    """Import at start-up, before gc.freeze, what serving would otherwise import on first use,
+    so those objects stay out of every full collection's walk (docs/performance.md;
+    tests/test_startup.py holds serving to importing nothing later)."""
     for module in LAZY_IMPORTS:
         importlib.import_module(module)
     if importlib.util.find_spec("faiss") is not None:  # absent: the mapping variant says so
@@ -98,20 +89,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = open_store(settings.redis_url, settings.namespace, settings.redis_timeout_s)
         learners = MetaLearners(settings.registry, resolve_device(settings.device))
         service = ScenarioService(settings, store, learners, metrics)
+        lifecycle = MetaLearnerLifecycle(service)
         app.state.service = service
+        app.state.lifecycle = lifecycle
         # Load the meta learner before serving (readiness waits for it); re-adaptation of
         # stale scenarios runs in the background, not in the start-up path.
-        await service.refresh()
-        service.start()
+        await lifecycle.refresh()
+        lifecycle.start()
         import_lazy_dependencies()
-        # What start-up loaded (torch, the meta learner, the app) lives as long as the process:
-        # out of the collector's sight, a full collection under load no longer walks it
-        # (under load those pauses made most of the recommend p99's tail).
+        # What start-up loaded lives as long as the process: out of the collector's sight, a
+        # full collection under load does not walk it (docs/performance.md).
         gc.freeze()
         try:
             yield
         finally:
-            await service.stop()
+            await lifecycle.stop()
+            service.close()
             await store.close()
             metrics.process_exiting()
 
@@ -120,9 +113,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Cold-start recommendation for new scenarios with a sequential meta learner",
         version="0.1.0",
         lifespan=lifespan,
-        # The routes themselves rather than include_router(router): an included router is
-        # matched through a layer of its own (FastAPI 0.165), which showed in profiles under
-        # load. The routes hold no per-app state, so apps may share them.
+        # The routes themselves: an included router adds a matching layer per request
+        # (docs/performance.md). They hold no per-app state, so apps may share them.
         routes=router.routes,
     )
     app.state.settings = settings
@@ -142,44 +134,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost (added last): every answer is timed, the refusals of the ones inside too.
     app.add_middleware(RequestLatency, metrics=metrics)
 
-    def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
-
-    @app.exception_handler(405)
-    async def method_not_allowed(request: Request, _: Exception) -> JSONResponse:
-        # Starlette lists only the methods of the first route matching the path; HTTP wants
-        # every method the path supports (GET and DELETE on /scenarios/{id}).
-        methods = {
-            method
-            for route in request.app.router.routes
-            if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE
-            for method in route.methods
-        }
-        return problem(405, "method not allowed", {"Allow": ", ".join(sorted(methods))})
-
-    @app.exception_handler(ScenarioNotFoundError)
-    async def not_found(_: Request, error: ScenarioNotFoundError) -> JSONResponse:
-        return problem(404, f"unknown scenario {error.args[0]!r}")
-
-    @app.exception_handler(AdaptationInputError)
-    async def bad_input(_: Request, error: AdaptationInputError) -> JSONResponse:
-        return problem(422, str(error))
-
-    @app.exception_handler(QueueFullError)
-    async def queue_full(_: Request, error: QueueFullError) -> JSONResponse:
-        detail = f"adaptation queue full ({error}); retry later"
-        return problem(429, detail, {"Retry-After": str(settings.retry_after_s)})
-
-    @app.exception_handler(NoMetaLearnerError)
-    async def no_learner(_: Request, error: NoMetaLearnerError) -> JSONResponse:
-        return problem(503, str(error))
-
-    @app.exception_handler(ArtifactError)
-    async def learner_unavailable(_: Request, error: ArtifactError) -> JSONResponse:
-        return problem(503, f"the scenario's meta learner cannot be loaded: {error}")
-
-    @app.exception_handler(StoreError)
-    async def store_down(_: Request, error: StoreError) -> JSONResponse:
-        return problem(503, f"scenario store unavailable: {error}")
-
+    register_error_handlers(app, settings.retry_after_s)
     return app

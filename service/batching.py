@@ -80,9 +80,8 @@ class RecommendBatcher:
             plans = [_plan(live, positions) for positions in groups]
             # The pairs it scores: each request's pool size.
             if sum(len(job[0].pool_ids) for job in live) <= self.inline_pairs:
-                # A small batch costs less scored here than handed to a thread, where the
-                # scoring takes turns with the loop at the GIL at every torch call (A/B runs
-                # with benchmarks/serving_load.py's generator).
+                # A small batch costs less scored here than on a thread, where it takes turns
+                # with the loop at the GIL at every torch call (docs/performance.md).
                 scored = _score(plans)
             else:
                 loop = asyncio.get_running_loop()

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from service.app import create_app
 from service.learners import resolve_device
 from service.metrics import MULTIPROC_DIR
-from service.recommenders import check_index_settings
+from service.retrieval import make_retriever
 from service.settings import Settings
 
 EXIT_USAGE = 2
@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="s2meta serve",
         description="Serve adapt/recommend over HTTP. Settings come from the environment: "
         "S2META_REGISTRY (registry directory), S2META_REDIS_URL (unset: in-process store), "
-        "S2META_ADMIN_TOKEN (unset: admin routes open), and the others in service/settings.py.",
+        "S2META_ADMIN_TOKEN (unset: admin routes open), and the others in docs/configuration.md.",
     )
     parser.add_argument("--host", help="bind address (default $S2META_HOST, else 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default $S2META_PORT, else 8000)")
@@ -44,7 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         device = resolve_device(settings.device)
-        check_index_settings(settings.faiss_index, settings.faiss_search, device)
+        make_retriever(
+            settings.faiss_index, settings.faiss_search, settings.faiss_min_pool, device
+        ).check()
     except (ValueError, RuntimeError) as error:
         print(f"s2meta serve: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -103,7 +105,6 @@ def worker_app() -> FastAPI:
     which `main` has checked."""
     settings = Settings()
     # Splitting a recommend's small products over threads costs more than it saves, and the
-    # threads contend with the event loop: with torch's default of one thread per core,
-    # profiled load runs at 32 connections served about half as many requests.
+    # threads contend with the event loop (docs/performance.md).
     torch.set_num_threads(settings.torch_threads)
     return create_app(settings)

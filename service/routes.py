@@ -1,21 +1,18 @@
-"""Thin routers: validate at the edge, call the ScenarioService, map its errors."""
+"""Thin routers: authorise and validate at the edge, call the ScenarioService; its errors are
+answered by the table in service.errors."""
 
-import inspect
 import secrets
-from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import SecretStr, ValidationError
 from pydantic_core import to_json
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.direct_routes import DirectRoute, query_parameters
 from service.scenarios import ScenarioService
 from service.schemas import (
     SCENARIO_ID_PATTERN,
@@ -104,91 +101,14 @@ errors = {
 router = APIRouter()
 
 
-def query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
-    """OpenAPI query parameters of a route that validates its query with `model` itself:
-    what FastAPI writes for a query-parameter model, from the model's JSON schema."""
-    schema = model.model_json_schema()
-    required = set(schema.get("required", ()))
-    parameters = []
-    for name, field in schema["properties"].items():
-        parameter = {"name": name, "in": "query", "required": name in required, "schema": field}
-        if "description" in field:
-            parameter["description"] = field["description"]
-        parameters.append(parameter)
-    return parameters
-
-
-class DirectRoute(APIRoute):
-    """A route whose endpoint takes the request alone and returns a Response, and is called
-    as it is: without FastAPI's per-request handler (dependency solving, parameter
-    validation, response-model serialisation, its telemetry hooks). `DirectRoutes` answers it
-    ahead of the router; where the router reaches it all the same, it is called the same way.
-    Its OpenAPI operation is declared as any route's; its errors go to the app's exception
-    handlers."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        if list(inspect.signature(self.endpoint).parameters) != ["request"]:
-            raise TypeError(f"{self.path}: a DirectRoute endpoint takes the request alone")
-        return self.endpoint
-
-
-class DirectRoutes:
-    """Middleware that answers the app's DirectRoutes itself, ahead of the app's inner layers
-    (FastAPI's exception and exit-stack middleware, the router, the route's wrapper), which
-    showed in profiles under load (benchmarks/serving_load.py --profile). Add it innermost:
-    the user middleware added after it runs around it as around any route. A request
-    matches on its exact method and path; the scope gets the route, as the router would give
-    it. Errors go to the app's exception handlers, looked up as Starlette's exception
-    middleware looks them up (by status for an HTTPException, else by class); any other
-    error propagates to the app's server-error middleware, as it does from a route."""
-
-    def __init__(self, app: ASGIApp, fastapi_app: FastAPI) -> None:
-        self.app = app
-        self.exception_handlers = fastapi_app.exception_handlers
-        self.routes = {
-            (method, route.path): route
-            for route in fastapi_app.router.routes
-            if isinstance(route, DirectRoute)
-            for method in route.methods
-        }
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = None
-        if scope["type"] == "http":
-            route = self.routes.get((scope["method"], scope["path"]))
-        if route is None:
-            await self.app(scope, receive, send)
-            return
-        scope.update(endpoint=route.endpoint, path_params={}, route=route)
-        request = Request(scope, receive)
-        try:
-            response = await route.endpoint(request)
-        except Exception as error:  # to its handler, or raised again
-            handler = self._handler(error)
-            if handler is None:
-                raise
-            response = await handler(request, error)
-        await response(scope, receive, send)
-
-    def _handler(self, error: Exception) -> Callable[..., Any] | None:
-        handlers = self.exception_handlers
-        if isinstance(error, StarletteHTTPException) and error.status_code in handlers:
-            return handlers[error.status_code]
-        return next((handlers[cls] for cls in type(error).__mro__ if cls in handlers), None)
-
-
-# The hot route, a DirectRoute declared first (routes are matched in order). It checks the
-# read token and validates its query with one model call itself, and answers JSON encoded
-# by pydantic-core: FastAPI's request handler (its dependency and per-parameter solving,
-# response-model validation) was the largest framework item in profiles under load. The
-# response model still documents the answer (and the fuzz tests hold answers to it); the
-# query parameters and the security requirement (the other read routes' one) are written
-# into OpenAPI from the same sources.
+# The hot route, a DirectRoute declared first (routes are matched in order): it checks the
+# token, validates its query and encodes its answer itself (docs/performance.md). OpenAPI
+# still documents it from the same models, and the fuzz tests hold answers to them.
 async def recommend(request: Request) -> Response:
     if request.app.state.settings.read_token is not None:  # else open: no header to parse
         await require_reader(request, await bearer(request))
-    # The query as Starlette's QueryParams parses it (the last of repeated keys wins), into a
-    # plain dict: the multi-dict took half the time of parsing and validating together.
+    # Parsed as Starlette's QueryParams parses it (the last of repeated keys wins), into a
+    # plain dict, cheaper than the multi-dict (docs/performance.md).
     parameters = parse_qsl(request.scope["query_string"].decode("latin-1"), keep_blank_values=True)
     try:
         query = RecommendQuery.model_validate(dict(parameters))

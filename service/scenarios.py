@@ -1,60 +1,30 @@
-"""The service's work behind the routes: adapt, recommend, scenario bookkeeping, and the
-meta-learner lifecycle (hot reload, re-adaptation across replicas)."""
+"""The request path behind the routes: adapt, recommend, and the scenario reads. The meta
+learner's lifecycle (hot reload, re-adaptation) is `service.lifecycle`."""
 
 import asyncio
-import contextlib
-import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from model.artifact import PUBLISHED_EVENT
 from model.ranking import kernel_available
-from service.adaptation import (
-    AdaptationInputError,
-    Registration,
-    adapt_registration,
-    adapt_registrations,
-    registration,
-)
+from service.adaptation import adapt_registration, registration
 from service.batching import RecommendBatcher
-from service.learners import LoadedVersion, MetaLearners
-from service.metrics import ServiceMetrics
-from service.recommenders import (
-    AdaptedRecommender,
-    RankRequest,
-    RecommenderCache,
-    RevisionWatch,
-)
-from service.settings import Settings
-from service.store import (
-    SCENARIO_EVENT,
-    SUBSCRIBED_EVENT,
-    ScenarioState,
-    ScenarioStore,
-    StoredScenario,
+from service.caches import RecommenderCache, RevisionWatch
+from service.errors import (
+    AdaptationInputError,
+    NoMetaLearnerError,
+    QueueFullError,
+    ScenarioNotFoundError,
     StoreError,
 )
-
-logger = logging.getLogger(__name__)
-
-LIST_PAGE = 500
-EVENTS_RETRY_S = 5.0  # the most a lost event subscription waits before subscribing again
-
+from service.learners import MetaLearners
+from service.metrics import ServiceMetrics
+from service.recommenders import AdaptedRecommender, RankRequest
+from service.retrieval import make_retriever
+from service.settings import Settings
+from service.store import ScenarioState, ScenarioStore, StoredScenario
 
 Adapted = ScenarioState | AdaptationInputError  # one scenario's outcome
-
-
-class ScenarioNotFoundError(LookupError):
-    pass
-
-
-class NoMetaLearnerError(RuntimeError):
-    pass
-
-
-class QueueFullError(RuntimeError):
-    pass
 
 
 class ScenarioService:
@@ -71,10 +41,13 @@ class ScenarioService:
         self.metrics = metrics
         self.cache = RecommenderCache(settings.cache_scenarios)
         self.revisions = RevisionWatch()
+        self.retriever = make_retriever(
+            settings.faiss_index, settings.faiss_search, settings.faiss_min_pool, learners.device
+        )
         self._loading: dict[tuple[str, int], asyncio.Task[AdaptedRecommender]] = {}
-        # With the compiled ranking kernel, which releases the GIL for a whole batch, every
-        # batch is scored on the batcher's thread, beside the loop (A/B runs with
-        # benchmarks/serving_load.py's generator); without it, small batches on the loop.
+        # The compiled ranking kernel releases the GIL for a whole batch, so every batch goes
+        # to the batcher's thread; without it small batches are cheaper on the loop
+        # (docs/performance.md).
         on_cpu_with_kernel = learners.device.type == "cpu" and kernel_available()
         self.batcher = RecommendBatcher(
             settings.recommend_batch_max,
@@ -82,14 +55,14 @@ class ScenarioService:
             0 if on_cpu_with_kernel else settings.recommend_inline_pairs,
             metrics.recommend_batch_size.observe,
         )
-        # Adaptations get their own bounded pool; recommends are ranked on the loop or the
-        # batcher's thread, so they never wait behind an adaptation.
+        # Adaptations get their own bounded pool, so recommends never wait behind one.
         self._adapt_pool = ThreadPoolExecutor(settings.adapt_workers, thread_name_prefix="adapt")
         self._in_flight = 0
-        self._wake = asyncio.Event()
-        self._sweep_lock = asyncio.Lock()
-        self._failed_readapts: set[tuple[str, str]] = set()
-        self._tasks: list[asyncio.Task[None]] = []
+
+    def close(self) -> None:
+        """Stop the adaptation workers and the ranking threads."""
+        self._adapt_pool.shutdown(wait=True, cancel_futures=True)
+        self.batcher.close()
 
     # ---- adapt and recommend -------------------------------------------------------------
 
@@ -122,7 +95,7 @@ class ScenarioService:
                 )
             ]
 
-        (state,) = await self._run_adaptations(run, trigger="request")
+        (state,) = await self.run_adaptations(run, trigger="request")
         assert isinstance(state, ScenarioState)  # adapt_registration raises the errors
         revision = await self.store.put(scenario_id, state)
         # Our own write is known at once, without waiting for its announcement to come back.
@@ -143,11 +116,11 @@ class ScenarioService:
                 f"{len(candidates)} candidates, at most {self.settings.max_candidates}"
             )
 
-    async def _run_adaptations(
+    async def run_adaptations(
         self, work: Callable[[], list[Adapted]], trigger: str
     ) -> list[Adapted]:
-        """Run one adaptation or one batch of them in the adaptation pool (a batch holds one
-        worker, so it counts once in flight)."""
+        """Run one adaptation or one batch of them (a re-adaptation's) in the adaptation pool;
+        a batch holds one worker, so it counts once in flight."""
         self._in_flight += 1
         self.metrics.adaptations_in_flight.set(self._in_flight)
         try:
@@ -212,10 +185,8 @@ class ScenarioService:
         return await self._load(scenario_id, revision)
 
     async def _load(self, scenario_id: str, revision: int) -> AdaptedRecommender:
-        """The scenario's recommender fetched from the store and built, once for all the
-        requests that miss the cache on one revision at the same time: each of them did both
-        before, and after an adaptation under load every request for the scenario in flight
-        then fetched and built it again."""
+        """The scenario's recommender fetched from the store and built once for all the
+        requests that miss the cache on one revision at the same time (docs/performance.md)."""
         key = (scenario_id, revision)
         loading = self._loading.get(key)
         if loading is None:
@@ -236,16 +207,9 @@ class ScenarioService:
 
     def _build(self, scenario_id: str, stored: StoredScenario) -> AdaptedRecommender:
         loaded = self.learners.get(str(stored.state.meta["meta_learner"]))
-        return AdaptedRecommender(
-            scenario_id,
-            stored,
-            loaded,
-            self.settings.faiss_index,
-            self.settings.faiss_search,
-            self.settings.faiss_min_pool,
-        )
+        return AdaptedRecommender(scenario_id, stored, loaded, self.retriever)
 
-    # ---- bookkeeping ---------------------------------------------------------------------
+    # ---- the scenario reads --------------------------------------------------------------
 
     def _with_status(self, meta: dict[str, object]) -> dict[str, object]:
         current = self.learners.current
@@ -276,177 +240,3 @@ class ScenarioService:
         except StoreError as error:
             return f"scenario store unavailable: {error}"
         return None
-
-    # ---- meta-learner lifecycle ----------------------------------------------------------
-
-    def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._watch_registry(), name="watch-registry"),
-            asyncio.create_task(self._listen_for_events(), name="listen-events"),
-        ]
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._adapt_pool.shutdown(wait=True, cancel_futures=True)
-        self.batcher.close()
-
-    async def refresh(self) -> str | None:
-        """Load the registry's current meta learner if it is new, and tell the other
-        replicas. Returns the version switched to, if any."""
-        switched = await asyncio.to_thread(self.learners.refresh)
-        current = self.learners.current
-        if current is not None:
-            self.metrics.set_current_version(current.version)
-        if switched is not None:
-            try:
-                await self.store.publish({"type": PUBLISHED_EVENT, "version": switched})
-            except StoreError as error:
-                logger.warning("could not notify other replicas of %s: %s", switched, error)
-        return switched
-
-    async def _watch_registry(self) -> None:
-        """Each round: refresh, then re-adapt what still runs on an older meta learner.
-        Polling is the fallback; a published event from any replica wakes it early."""
-        while True:
-            try:
-                await self.refresh()
-                current = self.learners.current
-                if current is not None:
-                    await self.readapt_stale(current)
-            except StoreError as error:
-                logger.warning("re-adaptation paused, store unavailable: %s", error)
-            except Exception:
-                # A background loop must outlive one bad round; the traceback is logged.
-                logger.exception("meta-learner refresh failed")
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.reload_poll_s)
-
-    async def _listen_for_events(self) -> None:
-        while True:
-            try:
-                async for event in self.store.events():
-                    kind = event.get("type")
-                    if kind == SUBSCRIBED_EVENT:
-                        self.revisions.went_live()
-                        self.metrics.store_events_live.set(1)
-                    elif kind == SCENARIO_EVENT:
-                        self.revisions.announced(str(event["scenario"]))
-                    elif kind == PUBLISHED_EVENT:
-                        self._wake.set()
-            except StoreError as error:
-                logger.warning(
-                    "event subscription lost: polling the registry and reading every "
-                    "scenario's revision from the store until it is back: %s",
-                    error,
-                )
-            finally:
-                self.revisions.lost()
-                self.metrics.store_events_live.set(0)
-            await asyncio.sleep(min(self.settings.reload_poll_s, EVENTS_RETRY_S))
-
-    async def _all_meta(self) -> AsyncIterator[dict[str, object]]:
-        after = None
-        while True:
-            page = await self.store.list_meta(after, LIST_PAGE)
-            for meta in page:
-                yield meta
-            if len(page) < LIST_PAGE:
-                return
-            after = str(page[-1]["scenario"])
-
-    async def readapt_stale(self, current: LoadedVersion) -> None:
-        """Re-adapt, from its stored interactions, every scenario adapted by an older meta
-        learner, up to S2META_READAPT_BATCH of them in one batch on the device: each once
-        across all replicas (a store lock per scenario and version), the new revision written
-        only if the scenario did not change meanwhile. Until then each scenario keeps serving
-        its revision (its meta learner stays loaded)."""
-        async with self._sweep_lock:
-            stale = [
-                str(meta["scenario"])
-                async for meta in self._all_meta()
-                if meta["meta_learner"] != current.version
-            ]
-            self.metrics.readapt_backlog.set(len(stale))
-            todo = [s for s in stale if (s, current.version) not in self._failed_readapts]
-            size = self.settings.readapt_batch
-            for start in range(0, len(todo), size):
-                await self._readapt(todo[start : start + size], current)
-            referenced = set()
-            backlog = 0
-            async for meta in self._all_meta():
-                referenced.add(str(meta["meta_learner"]))
-                backlog += meta["meta_learner"] != current.version
-            self.metrics.readapt_backlog.set(backlog)
-            dropped = self.learners.retain(referenced | self.cache.versions())
-            if dropped:
-                logger.info("unloaded meta learners no scenario uses: %s", dropped)
-
-    async def _readapt(self, scenario_ids: list[str], current: LoadedVersion) -> None:
-        """Re-adapt these scenarios together, those no other replica has taken."""
-        locks: dict[str, str] = {}
-        try:
-            for scenario_id in scenario_ids:
-                lock = f"readapt:{scenario_id}:{current.version}"
-                token = await self.store.acquire_lock(lock, self.settings.readapt_lock_s)
-                if token is not None:  # else another replica is on it
-                    locks[scenario_id] = token
-            work: list[tuple[str, StoredScenario]] = []
-            for scenario_id in locks:
-                stored = await self.store.get(scenario_id)
-                if stored is not None and stored.state.meta["meta_learner"] != current.version:
-                    work.append((scenario_id, stored))
-            if work:
-                await self._readapt_batch(work, current)
-        finally:
-            for scenario_id, token in locks.items():
-                await self.store.release_lock(f"readapt:{scenario_id}:{current.version}", token)
-
-    async def _readapt_batch(
-        self, work: list[tuple[str, StoredScenario]], current: LoadedVersion
-    ) -> None:
-        registrations = []
-        for scenario_id, stored in work:
-            meta = stored.state.meta
-            variant = str(meta["variant"])
-            registered = Registration(
-                interactions=stored.state.interactions,
-                candidates=stored.state.candidates,
-                variant=variant if variant in current.artifact.learners else None,
-                seed=int(meta["seed"]),  # type: ignore[call-overload]
-            )
-            registrations.append((scenario_id, registered))
-
-        def run() -> list[Adapted]:
-            return adapt_registrations(current, registrations, self.settings.min_interactions)
-
-        outcomes = await self._run_adaptations(run, trigger="reload")
-        for (scenario_id, stored), outcome in zip(work, outcomes, strict=True):
-            if isinstance(outcome, AdaptationInputError):
-                self._failed_readapts.add((scenario_id, current.version))
-                logger.warning(
-                    "scenario %s stays on %s: cannot re-adapt with %s: %s",
-                    scenario_id,
-                    stored.state.meta["meta_learner"],
-                    current.version,
-                    outcome,
-                )
-                continue
-            revision = await self.store.put(scenario_id, outcome, expected_revision=stored.revision)
-            self.revisions.announced(scenario_id)
-            if revision is None:
-                logger.info(
-                    "scenario %s changed during its re-adaptation; kept the newer", scenario_id
-                )
-            else:
-                self.metrics.readaptations.inc()
-                logger.info(
-                    "scenario %s re-adapted with %s: revision %d",
-                    scenario_id,
-                    current.version,
-                    revision,
-                )

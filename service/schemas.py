@@ -4,12 +4,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from model.recommender import Variant
+
 SCENARIO_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 # User and item ids are the dataset's ids as strings: anything printable, 1 to 256 chars.
 EntityId = Annotated[
     str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
 ]
-VariantName = Literal["interaction", "mapping", "hybrid"]
 
 
 class Interaction(BaseModel):
@@ -26,7 +27,7 @@ class AdaptRequest(BaseModel):
     candidates: list[EntityId] = Field(
         description="the scenario's item pool: what is ranked, and where negatives come from"
     )
-    variant: VariantName | None = Field(
+    variant: Variant | None = Field(
         None, description="recommender variant; null: the meta learner's default"
     )
     # Strict: JSON `true` or "7" are not seeds (lax mode would take them as 1 and 7).
@@ -57,7 +58,7 @@ class ScenarioSummary(BaseModel):
         description="readapting: adapted by an older meta learner; re-adaptation is pending"
     )
     meta_learner: str
-    variant: VariantName
+    variant: Variant
     created_at: float = Field(description="seconds since the epoch")
     used_interactions: int
     num_candidates: int
@@ -81,7 +82,7 @@ class AdaptResponse(LearningTrace):
     scenario: str
     revision: int
     meta_learner: str
-    variant: VariantName
+    variant: Variant
     used_interactions: int
     ignored: Ignored
     num_candidates: int

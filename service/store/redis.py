@@ -1,185 +1,23 @@
-"""Scenario state shared by replicas: a Redis store, and an in-process store with the same
-behaviour for running without Redis. The same contract tests run against both.
+"""Scenario state in Redis, shared by replicas: each write an atomic Lua script that also
+announces it on the events channel."""
 
-Per scenario the store holds one record: its revision, metadata and learning trace (JSON),
-the adapted parameters (safetensors bytes), the candidates and interactions as registered
-(what a re-adaptation starts from) and the pool's popularity. A write replaces the whole
-record and assigns the next revision in one atomic step (a Lua script in Redis), so a reader
-sees the old record or the new one, never a mix. Revisions only grow, also across a delete,
-so a (scenario, revision) pair names one record forever (the service caches by it).
-
-Every write and delete also announces itself on the events channel, in the same atomic step
-({"type": "scenario", "scenario": id}), and a subscription starts with a {"type":
-"subscribed"} event once it is live: a replica that hears both knows, without asking the
-store, that a revision it read after subscribing is still current until an announcement for
-that scenario arrives. A subscription that loses its connection ends with StoreError.
-"""
-
-import asyncio
-import copy
 import json
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from model.artifact import events_channel
+from service.errors import StoreError
+from service.store.protocol import (
+    SUBSCRIBED_EVENT,
+    ScenarioState,
+    StoredScenario,
+    with_ids,
+)
 
 SCHEMA = "1"  # the stored record's layout; bumped when it changes
-SUBSCRIBED_EVENT = "subscribed"  # first event of a subscription, once it is live
-SCENARIO_EVENT = "scenario"  # a scenario was written or deleted
-
-
-class StoreError(Exception):
-    """The store cannot answer (unreachable, or holds a record this code cannot read)."""
-
-
-@dataclass(frozen=True)
-class ScenarioState:
-    meta: dict[str, object]  # JSON: meta learner, variant, trace, counts, ...
-    params: bytes  # safetensors: the adapted flat parameters
-    candidates: list[str]  # the pool as registered (deduplicated, in order)
-    interactions: list[tuple[str, str]]  # (user, item) as registered (deduplicated)
-    popularity: list[tuple[str, int]]  # pool items with interactions, most popular first
-
-
-@dataclass(frozen=True)
-class StoredScenario:
-    revision: int
-    state: ScenarioState
-
-
-class ScenarioStore(Protocol):
-    async def ping(self) -> None: ...
-
-    async def put(
-        self, scenario_id: str, state: ScenarioState, expected_revision: int | None = None
-    ) -> int | None:
-        """Write a new revision and return it; with `expected_revision` (0: absent) only if
-        the stored revision is that one, else write nothing and return None."""
-        ...
-
-    async def revision(self, scenario_id: str) -> int | None: ...
-
-    async def get(self, scenario_id: str) -> StoredScenario | None: ...
-
-    async def get_meta(self, scenario_id: str) -> dict[str, object] | None:
-        """The metadata with "scenario" and "revision" added, without the large fields."""
-        ...
-
-    async def list_meta(self, after: str | None, limit: int) -> list[dict[str, object]]:
-        """Up to `limit` scenarios' metadata in id order, starting after the id `after`."""
-        ...
-
-    async def delete(self, scenario_id: str) -> bool: ...
-
-    async def acquire_lock(self, name: str, ttl_s: int) -> str | None:
-        """A token if the lock was free (it expires after ttl_s), else None."""
-        ...
-
-    async def release_lock(self, name: str, token: str) -> None: ...
-
-    async def publish(self, event: dict[str, object]) -> None: ...
-
-    def events(self) -> AsyncIterator[dict[str, object]]:
-        """Events published by any replica (this one included) and every scenario write or
-        delete, as they come, after a first SUBSCRIBED_EVENT once the subscription is live."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-def _with_ids(scenario_id: str, revision: int, meta: dict[str, object]) -> dict[str, object]:
-    return {**copy.deepcopy(meta), "scenario": scenario_id, "revision": revision}
-
-
-class MemoryStore:
-    """The in-process store: one replica, state lost at exit. Every method runs without an
-    await inside, so on the event loop each is atomic like its Redis counterpart. It keeps
-    copies, so a caller changing what it wrote or read cannot change a stored revision."""
-
-    def __init__(self) -> None:
-        self._records: dict[str, StoredScenario] = {}
-        self._revisions: dict[str, int] = {}
-        self._locks: dict[str, tuple[str, float]] = {}
-        self._subscribers: list[asyncio.Queue[dict[str, object]]] = []
-
-    async def ping(self) -> None:
-        return None
-
-    async def put(
-        self, scenario_id: str, state: ScenarioState, expected_revision: int | None = None
-    ) -> int | None:
-        current = self._records.get(scenario_id)
-        if expected_revision is not None and (current.revision if current else 0) != (
-            expected_revision
-        ):
-            return None
-        revision = self._revisions.get(scenario_id, 0) + 1
-        self._revisions[scenario_id] = revision
-        self._records[scenario_id] = StoredScenario(revision, copy.deepcopy(state))
-        self._announce(scenario_id)
-        return revision
-
-    def _announce(self, scenario_id: str) -> None:
-        for queue in self._subscribers:
-            queue.put_nowait({"type": SCENARIO_EVENT, "scenario": scenario_id})
-
-    async def revision(self, scenario_id: str) -> int | None:
-        record = self._records.get(scenario_id)
-        return record.revision if record else None
-
-    async def get(self, scenario_id: str) -> StoredScenario | None:
-        record = self._records.get(scenario_id)
-        return copy.deepcopy(record) if record else None
-
-    async def get_meta(self, scenario_id: str) -> dict[str, object] | None:
-        record = self._records.get(scenario_id)
-        return _with_ids(scenario_id, record.revision, record.state.meta) if record else None
-
-    async def list_meta(self, after: str | None, limit: int) -> list[dict[str, object]]:
-        ids = sorted(i for i in self._records if after is None or i > after)[:limit]
-        return [_with_ids(i, self._records[i].revision, self._records[i].state.meta) for i in ids]
-
-    async def delete(self, scenario_id: str) -> bool:
-        existed = self._records.pop(scenario_id, None) is not None
-        if existed:
-            self._announce(scenario_id)
-        return existed
-
-    async def acquire_lock(self, name: str, ttl_s: int) -> str | None:
-        now = asyncio.get_running_loop().time()
-        held = self._locks.get(name)
-        if held is not None and held[1] > now:
-            return None
-        token = secrets.token_hex(16)
-        self._locks[name] = (token, now + ttl_s)
-        return token
-
-    async def release_lock(self, name: str, token: str) -> None:
-        if self._locks.get(name, ("", 0.0))[0] == token:
-            del self._locks[name]
-
-    async def publish(self, event: dict[str, object]) -> None:
-        for queue in self._subscribers:
-            queue.put_nowait(event)
-
-    async def events(self) -> AsyncIterator[dict[str, object]]:
-        queue: asyncio.Queue[dict[str, object]] = asyncio.Queue()
-        self._subscribers.append(queue)
-        try:
-            yield {"type": SUBSCRIBED_EVENT}
-            while True:
-                yield await queue.get()
-        finally:
-            self._subscribers.remove(queue)
-
-    async def close(self) -> None:
-        return None
-
 
 # KEYS: record hash, revision counter, index; ARGV: expected revision ("" for any), scenario
 # id, events channel, then the record's field/value pairs. Returns the new revision, or -1 on
@@ -303,7 +141,7 @@ class RedisStore:
         if revision is None:
             return None
         _check_schema(scenario_id, schema)
-        return _with_ids(scenario_id, int(revision), json.loads(meta))
+        return with_ids(scenario_id, int(revision), json.loads(meta))
 
     async def list_meta(self, after: str | None, limit: int) -> list[dict[str, object]]:
         start = "-" if after is None else f"({after}"
@@ -321,7 +159,7 @@ class RedisStore:
                 continue
             scenario_id = raw_id.decode()
             _check_schema(scenario_id, schema)
-            listed.append(_with_ids(scenario_id, int(revision), json.loads(meta)))
+            listed.append(with_ids(scenario_id, int(revision), json.loads(meta)))
         return listed
 
     async def delete(self, scenario_id: str) -> bool:
@@ -382,7 +220,3 @@ def _check_schema(scenario_id: str, schema: bytes | None) -> None:
         raise StoreError(
             f"scenario {scenario_id!r}: stored record schema {schema!r}, this code reads {SCHEMA}"
         )
-
-
-def open_store(redis_url: str | None, namespace: str, timeout_s: float = 5.0) -> ScenarioStore:
-    return RedisStore(redis_url, namespace, timeout_s) if redis_url else MemoryStore()

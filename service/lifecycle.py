@@ -1,0 +1,207 @@
+"""The meta learner's lifecycle on a replica: poll the registry for a newly published version
+and load it, hear the store's events (other replicas' publications and scenario writes), and
+re-adapt the scenarios an older meta learner adapted, each once across all replicas."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from model.artifact import PUBLISHED_EVENT
+from service.adaptation import Registration, adapt_registrations
+from service.errors import AdaptationInputError, StoreError
+from service.learners import LoadedVersion
+from service.scenarios import Adapted, ScenarioService
+from service.store import SCENARIO_EVENT, SUBSCRIBED_EVENT, StoredScenario
+
+logger = logging.getLogger(__name__)
+
+LIST_PAGE = 500
+EVENTS_RETRY_S = 5.0  # the most a lost event subscription waits before subscribing again
+
+
+class MetaLearnerLifecycle:
+    """Background work beside a ScenarioService: `start` it once the first `refresh` ran,
+    `stop` it before closing the service."""
+
+    def __init__(self, service: ScenarioService) -> None:
+        self.service = service
+        self.settings = service.settings
+        self.store = service.store
+        self.learners = service.learners
+        self.metrics = service.metrics
+        self._wake = asyncio.Event()
+        self._sweep_lock = asyncio.Lock()
+        self._failed_readapts: set[tuple[str, str]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._watch_registry(), name="watch-registry"),
+            asyncio.create_task(self._listen_for_events(), name="listen-events"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def refresh(self) -> str | None:
+        """Load the registry's current meta learner if it is new, and tell the other
+        replicas. Returns the version switched to, if any."""
+        switched = await asyncio.to_thread(self.learners.refresh)
+        current = self.learners.current
+        if current is not None:
+            self.metrics.set_current_version(current.version)
+        if switched is not None:
+            try:
+                await self.store.publish({"type": PUBLISHED_EVENT, "version": switched})
+            except StoreError as error:
+                logger.warning("could not notify other replicas of %s: %s", switched, error)
+        return switched
+
+    async def _watch_registry(self) -> None:
+        """Each round: refresh, then re-adapt what still runs on an older meta learner.
+        Polling is the fallback; a published event from any replica wakes it early."""
+        while True:
+            try:
+                await self.refresh()
+                current = self.learners.current
+                if current is not None:
+                    await self.readapt_stale(current)
+            except StoreError as error:
+                logger.warning("re-adaptation paused, store unavailable: %s", error)
+            except Exception:
+                # A background loop must outlive one bad round; the traceback is logged.
+                logger.exception("meta-learner refresh failed")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.reload_poll_s)
+
+    async def _listen_for_events(self) -> None:
+        revisions = self.service.revisions
+        while True:
+            try:
+                async for event in self.store.events():
+                    kind = event.get("type")
+                    if kind == SUBSCRIBED_EVENT:
+                        revisions.went_live()
+                        self.metrics.store_events_live.set(1)
+                    elif kind == SCENARIO_EVENT:
+                        revisions.announced(str(event["scenario"]))
+                    elif kind == PUBLISHED_EVENT:
+                        self._wake.set()
+            except StoreError as error:
+                logger.warning(
+                    "event subscription lost: polling the registry and reading every "
+                    "scenario's revision from the store until it is back: %s",
+                    error,
+                )
+            finally:
+                revisions.lost()
+                self.metrics.store_events_live.set(0)
+            await asyncio.sleep(min(self.settings.reload_poll_s, EVENTS_RETRY_S))
+
+    async def _all_meta(self) -> AsyncIterator[dict[str, object]]:
+        after = None
+        while True:
+            page = await self.store.list_meta(after, LIST_PAGE)
+            for meta in page:
+                yield meta
+            if len(page) < LIST_PAGE:
+                return
+            after = str(page[-1]["scenario"])
+
+    async def readapt_stale(self, current: LoadedVersion) -> None:
+        """Re-adapt, from its stored interactions, every scenario adapted by an older meta
+        learner, up to S2META_READAPT_BATCH of them in one batch on the device: each once
+        across all replicas (a store lock per scenario and version), the new revision written
+        only if the scenario did not change meanwhile. Until then each scenario keeps serving
+        its revision (its meta learner stays loaded)."""
+        async with self._sweep_lock:
+            stale = [
+                str(meta["scenario"])
+                async for meta in self._all_meta()
+                if meta["meta_learner"] != current.version
+            ]
+            self.metrics.readapt_backlog.set(len(stale))
+            todo = [s for s in stale if (s, current.version) not in self._failed_readapts]
+            size = self.settings.readapt_batch
+            for start in range(0, len(todo), size):
+                await self._readapt(todo[start : start + size], current)
+            referenced = set()
+            backlog = 0
+            async for meta in self._all_meta():
+                referenced.add(str(meta["meta_learner"]))
+                backlog += meta["meta_learner"] != current.version
+            self.metrics.readapt_backlog.set(backlog)
+            dropped = self.learners.retain(referenced | self.service.cache.versions())
+            if dropped:
+                logger.info("unloaded meta learners no scenario uses: %s", dropped)
+
+    async def _readapt(self, scenario_ids: list[str], current: LoadedVersion) -> None:
+        """Re-adapt these scenarios together, those no other replica has taken."""
+        locks: dict[str, str] = {}
+        try:
+            for scenario_id in scenario_ids:
+                lock = f"readapt:{scenario_id}:{current.version}"
+                token = await self.store.acquire_lock(lock, self.settings.readapt_lock_s)
+                if token is not None:  # else another replica is on it
+                    locks[scenario_id] = token
+            work: list[tuple[str, StoredScenario]] = []
+            for scenario_id in locks:
+                stored = await self.store.get(scenario_id)
+                if stored is not None and stored.state.meta["meta_learner"] != current.version:
+                    work.append((scenario_id, stored))
+            if work:
+                await self._readapt_batch(work, current)
+        finally:
+            for scenario_id, token in locks.items():
+                await self.store.release_lock(f"readapt:{scenario_id}:{current.version}", token)
+
+    async def _readapt_batch(
+        self, work: list[tuple[str, StoredScenario]], current: LoadedVersion
+    ) -> None:
+        registrations = []
+        for scenario_id, stored in work:
+            meta = stored.state.meta
+            variant = str(meta["variant"])
+            registered = Registration(
+                interactions=stored.state.interactions,
+                candidates=stored.state.candidates,
+                variant=variant if variant in current.artifact.learners else None,
+                seed=int(meta["seed"]),  # type: ignore[call-overload]
+            )
+            registrations.append((scenario_id, registered))
+
+        def run() -> list[Adapted]:
+            return adapt_registrations(current, registrations, self.settings.min_interactions)
+
+        outcomes = await self.service.run_adaptations(run, trigger="reload")
+        for (scenario_id, stored), outcome in zip(work, outcomes, strict=True):
+            if isinstance(outcome, AdaptationInputError):
+                self._failed_readapts.add((scenario_id, current.version))
+                logger.warning(
+                    "scenario %s stays on %s: cannot re-adapt with %s: %s",
+                    scenario_id,
+                    stored.state.meta["meta_learner"],
+                    current.version,
+                    outcome,
+                )
+                continue
+            revision = await self.store.put(scenario_id, outcome, expected_revision=stored.revision)
+            self.service.revisions.announced(scenario_id)
+            if revision is None:
+                logger.info(
+                    "scenario %s changed during its re-adaptation; kept the newer", scenario_id
+                )
+            else:
+                self.metrics.readaptations.inc()
+                logger.info(
+                    "scenario %s re-adapted with %s: revision %d",
+                    scenario_id,
+                    current.version,
+                    revision,
+                )
