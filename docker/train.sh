@@ -12,7 +12,7 @@ echo "trainer: $S2META_TRAIN_DATA, ${S2META_TRAIN_STEPS:-600} steps per variant 
 # train prepares the data itself (cached under S2META_CACHE_DIR).
 # shellcheck disable=SC2086  # S2META_TRAIN_ARGS holds several options
 s2meta train --data "$S2META_TRAIN_DATA" --out "$artifact" \
-  --max-steps "${S2META_TRAIN_STEPS:-600}" --device "${S2META_TRAIN_DEVICE:-cpu}" \
+  --meta-steps "${S2META_TRAIN_STEPS:-600}" --device "${S2META_TRAIN_DEVICE:-cpu}" \
   ${S2META_TRAIN_ARGS:-}
 version=$(s2meta publish "$artifact" --registry "$S2META_REGISTRY")
 rm -rf "$artifact"

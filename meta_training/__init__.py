@@ -1,1 +1,1 @@
-"""Offline job: data, protocol, embedding pretraining, evaluation and (later) meta-training."""
+"""Offline job: data, protocol, embedding pretraining, meta-training and evaluation."""

@@ -158,13 +158,56 @@ def _add_data_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--embedding-dim", type=int, default=embedding.dim)
 
 
+class _DeprecatedAlias(argparse.Action):
+    """Stores into the flag it stands for, after a one-line warning on stderr."""
+
+    def __init__(self, *args: object, replacement: str, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.replacement = replacement
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        print(
+            f"s2meta: warning: {option_string} is deprecated, use {self.replacement}",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
 def _add_training_options(command: argparse.ArgumentParser) -> None:
     defaults = MetaTrainConfig()
-    command.add_argument(
-        "--max-steps",
+    steps = command.add_mutually_exclusive_group()
+    steps.add_argument(
+        "--meta-steps",
         type=int,
         default=defaults.iterations,
-        help=f"meta-training steps (default {defaults.iterations})",
+        help=f"meta-training iterations (default {defaults.iterations})",
+    )
+    steps.add_argument(
+        "--max-steps",
+        dest="meta_steps",
+        type=int,
+        action=_DeprecatedAlias,
+        replacement="--meta-steps",
+        help="deprecated alias of --meta-steps",
+    )
+    command.add_argument(
+        "--adapt-max-steps",
+        type=int,
+        default=defaults.learner.max_steps,
+        help=f"most adaptation steps per scenario, T_max (default {defaults.learner.max_steps})",
+    )
+    command.add_argument(
+        "--adapt-min-steps",
+        type=int,
+        default=defaults.learner.min_steps,
+        help="adaptation steps before the first stop decision "
+        f"(default {defaults.learner.min_steps})",
     )
     command.add_argument("--meta-batch", type=int, default=defaults.meta_batch)
     command.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
@@ -178,10 +221,11 @@ def _add_training_options(command: argparse.ArgumentParser) -> None:
 
 def _training(args: argparse.Namespace) -> MetaTrainConfig:
     return MetaTrainConfig(
-        iterations=args.max_steps,
+        learner={"max_steps": args.adapt_max_steps, "min_steps": args.adapt_min_steps},
+        iterations=args.meta_steps,
         meta_batch=args.meta_batch,
         learning_rate=args.learning_rate,
-        valid_every=min(args.valid_every, args.max_steps),
+        valid_every=min(args.valid_every, args.meta_steps),
         compiled=args.compile,
     )
 
@@ -329,6 +373,7 @@ def _parse_seeds(text: str) -> list[int]:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     protocol, embedding, cache_dir = _configs(args)
+    training = _training(args)
     seeds = _parse_seeds(args.seeds)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -346,7 +391,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             bar.set_postfix_str(label)
             bar.update(1)
 
-        results = evaluate(prepared, methods, advance, training=_training(args))
+        results = evaluate(prepared, methods, advance, training=training)
     write_results(results, args.out)
     print((args.out / "results.md").read_text())
     print(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'}")

@@ -2,10 +2,12 @@
 plain pydantic models for the protocol and the embeddings (saved with what they produce)."""
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.learner_config import LearnerOptions
+from model.recommender import Variant
 
 
 class ScenarioSelection(BaseModel):
@@ -25,7 +27,7 @@ class ScenarioSelection(BaseModel):
 
 
 class ProtocolConfig(BaseModel):
-    """The evaluation protocol; see README 'Evaluation protocol'."""
+    """The evaluation protocol; see docs/protocol.md."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -69,11 +71,12 @@ class Settings(BaseSettings):
 
 
 class MetaTrainConfig(BaseModel):
-    """Meta-training (the paper's Algorithm 1) and the learner it trains."""
+    """Meta-training (the paper's Algorithm 1) and the learner options it trains with."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    variant: Literal["interaction", "mapping", "hybrid"] = "hybrid"
+    variant: Variant = "hybrid"
+    learner: LearnerOptions = LearnerOptions()
     iterations: int = Field(600, ge=1)
     meta_batch: int = Field(8, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
@@ -82,17 +85,17 @@ class MetaTrainConfig(BaseModel):
     support_size: int = Field(64, ge=1)
     test_size: int = Field(256, ge=1)
     valid_every: int = Field(100, ge=1)
-    # The learner.
-    batch_size: int = Field(128, ge=1)
-    min_steps: int = Field(4, ge=0)
-    max_steps: int = Field(20, ge=1)
-    controller_hidden: int = Field(16, ge=1)
-    # Ablations: RandInit (learn_init False), FixedLr (update_rule "sgd"), FixedStep
-    # (stop_rule "max_steps"); MAML-style is learn_init with "sgd" and "max_steps".
+    # RandInit ablation when False; the other ablations are learner options (FixedLr:
+    # update_rule "sgd", FixedStep: stop_rule "max_steps", MAML-style: both).
     learn_init: bool = True
-    update_rule: Literal["learned", "sgd"] = "learned"
-    sgd_lr: float = Field(0.01, gt=0)
-    stop_rule: Literal["learned", "max_steps"] = "learned"
     # REINFORCE baseline: exponential moving average of the reward.
     baseline_decay: float = Field(0.9, ge=0, lt=1)
     compiled: bool = False
+
+    def with_changes(
+        self, learner: dict[str, object] | None = None, **changes: object
+    ) -> "MetaTrainConfig":
+        """A validated copy with top-level fields and learner options changed."""
+        dumped = self.model_dump()
+        dumped["learner"] |= learner or {}
+        return MetaTrainConfig.model_validate(dumped | changes)

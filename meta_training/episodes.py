@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from meta_training.protocol import Benchmark, EpisodeTask, EvaluationTask
-from model.learner import LearnerConfig
+from model.learner_config import LearnerConfig
 from model.sampling import sample_triples
 from model.scenario import ScenarioInput, stack_triples
 

@@ -32,7 +32,7 @@ def evaluate(
     split: Literal["valid", "test"] = "test",
     training: MetaTrainConfig | None = None,
 ) -> dict[str, object]:
-    """Results shaped as README 'results.json'; `advance` is called after each (seed, method).
+    """Results shaped as in docs/protocol.md; `advance` is called after each (seed, method).
 
     `split="valid"` scores the meta-valid scenarios instead, for model selection.
     `training` configures the meta-trained methods (their variant and ablation settings are

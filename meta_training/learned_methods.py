@@ -23,17 +23,18 @@ VARIANT_METHODS = {
     "s2meta_mapping": "mapping",
     "s2meta_hybrid": "hybrid",
 }
+# Changes to MetaTrainConfig, as MetaTrainConfig.with_changes takes them.
 ABLATIONS: dict[str, dict[str, object]] = {
     "randinit": {"learn_init": False},
-    "fixedlr": {"update_rule": "sgd"},
-    "fixedstep": {"stop_rule": "max_steps"},
-    "maml": {"update_rule": "sgd", "stop_rule": "max_steps"},
+    "fixedlr": {"learner": {"update_rule": "sgd"}},
+    "fixedstep": {"learner": {"stop_rule": "max_steps"}},
+    "maml": {"learner": {"update_rule": "sgd", "stop_rule": "max_steps"}},
 }
 
 
 def trained(context: MethodContext, **changes: object) -> TrainedLearner:
     """Meta-train once per configuration within an evaluation run."""
-    config = context.training.model_copy(update=changes)
+    config = context.training.with_changes(**changes)
     key = "learner:" + json.dumps(config.model_dump(), sort_keys=True)
     if key not in context.memo:
         context.memo[key] = meta_train(

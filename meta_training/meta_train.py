@@ -35,7 +35,9 @@ from meta_training.episodes import (
 from meta_training.errors import SettingsError
 from meta_training.methods import mean_recall_at_20
 from meta_training.protocol import Benchmark, EvaluationTask
-from model.learner import LearnerConfig, Tables, adapt, init_meta_params, layout_of, triples_loss
+from model.inner_loss import Tables, triples_loss
+from model.learner import adapt, init_meta_params, layout_of
+from model.learner_config import LearnerConfig
 from model.params import Params
 from model.recommender import RecommenderSpec
 from model.scenario import adapt_scenarios, score_scenario
@@ -56,16 +58,7 @@ class TrainedLearner:
 
 
 def learner_config(config: MetaTrainConfig, embedding_dim: int) -> LearnerConfig:
-    return LearnerConfig(
-        recommender=RecommenderSpec(config.variant, embedding_dim),
-        controller_hidden=config.controller_hidden,
-        batch_size=config.batch_size,
-        min_steps=config.min_steps,
-        max_steps=config.max_steps,
-        update_rule=config.update_rule,
-        sgd_lr=config.sgd_lr,
-        stop_rule=config.stop_rule,
-    )
+    return LearnerConfig.of(RecommenderSpec(config.variant, embedding_dim), config.learner)
 
 
 def tables_of(embeddings: Embeddings, device: torch.device | str = "cpu") -> Tables:
@@ -80,9 +73,9 @@ def trainable_names(meta: Params, config: MetaTrainConfig) -> list[str]:
     for name in meta:
         if name == "init" and not config.learn_init:
             continue
-        if name.startswith("update.") and config.update_rule != "learned":
+        if name.startswith("update.") and config.learner.update_rule != "learned":
             continue
-        if name.startswith("stop.") and config.stop_rule != "learned":
+        if name.startswith("stop.") and config.learner.stop_rule != "learned":
             continue
         names.append(name)
     return names
@@ -133,7 +126,7 @@ class MetaObjective(nn.Module):
         loss = test_loss.mean()
         reward = _rewards(result.test_loss)  # [S, T']
         decided = result.decided
-        if self.config.stop_rule == "learned":
+        if self.learner.stop_rule == "learned":
             advantage = (reward - baseline) * decided
             loss = loss - (advantage * result.decision_log_prob).sum(1).mean()
         sums = torch.stack(

@@ -1,5 +1,5 @@
 """The scenario benchmark: which scenarios, which split, which interactions each method may
-see. README 'Evaluation protocol' states the same rules in prose.
+see. docs/protocol.md states the same rules in prose.
 
 Interactions are referred to by row index into `InteractionData`, so "this interaction never
 reaches pretraining" is a statement about a boolean mask that tests can check directly.
@@ -115,11 +115,9 @@ def build_benchmark(data: InteractionData, config: ProtocolConfig, seed: int) ->
     }
 
     dropped: dict[str, str] = {}
-    # Meta-valid and meta-test scenarios claim their interactions in one seeded interleaved
-    # order, each skipping what the *other* split claimed before it: the two splits never
-    # share an interaction (no meta-test interaction reaches model selection), and neither
-    # is left with the other's leftovers, so meta-valid stays a fair stand-in for meta-test
-    # even where scenarios overlap heavily (LastFM).
+    # One seeded interleaved claim order, each split skipping what the other claimed: no
+    # meta-test interaction reaches model selection, and neither split gets only leftovers
+    # where scenarios overlap (docs/protocol.md).
     claimed = {"valid": np.zeros(data.num_interactions, dtype=bool)}
     claimed["test"] = claimed["valid"].copy()
     other = {"valid": "test", "test": "valid"}

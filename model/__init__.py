@@ -1,5 +1,3 @@
-"""The recommender network and the meta learner: pure tensor code, no I/O.
-
-Filled by the meta-learner work; the foundation only needs the package to exist so that
-`meta_training` and `service` can depend on it one way.
-"""
+"""The recommender network, the meta learner and the artifact: tensor code that
+`meta_training` (which writes artifacts) and `service` (which loads them) both import, and
+that imports neither."""

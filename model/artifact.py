@@ -25,12 +25,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import TypeAdapter, ValidationError
 from safetensors.torch import load_file, save_file
 
 from model.errors import ArtifactError
-from model.learner import LearnerConfig, Tables
+from model.inner_loss import Tables
+from model.learner_config import LearnerConfig
 from model.params import Params
-from model.recommender import RecommenderSpec
 
 FORMAT_VERSION = 2
 # Present in every artifact; the meta learners' files are named by config.json.
@@ -42,6 +43,7 @@ VERSION_PATTERN = re.compile(r"v[0-9]{4,9}")
 # What a publisher announces on the service's event channel (Redis pub/sub), so replicas load
 # a new version at once instead of at their next registry poll.
 PUBLISHED_EVENT = "meta_learner_published"
+_LEARNER_CONFIG = TypeAdapter(LearnerConfig)
 
 
 def events_channel(namespace: str) -> str:
@@ -164,9 +166,17 @@ def load_artifact(directory: Path) -> Artifact:
     config = json.loads((directory / "config.json").read_text())
     learners = {}
     for variant, learner in config["learners"].items():
-        learner["recommender"] = RecommenderSpec(**learner["recommender"])
+        try:
+            learner_config = _LEARNER_CONFIG.validate_python(learner)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()
+            )
+            raise ArtifactError(
+                f"{directory / 'config.json'}: learner {variant!r}: {problems}"
+            ) from error
         learners[variant] = MetaLearner(
-            meta=load_file(str(directory / _meta_file(variant))), config=LearnerConfig(**learner)
+            meta=load_file(str(directory / _meta_file(variant))), config=learner_config
         )
     embeddings = load_file(str(directory / "embeddings.safetensors"))
     ids = json.loads((directory / "ids.json").read_text())

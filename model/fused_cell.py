@@ -88,10 +88,8 @@ class FusedGates:
                 self.extension, self.offsets, inputs, states_out, *self.packed
             )
         else:
-            # Without a backward pass the states are updated in place (no new buffers: at a
-            # batch of scenarios, fresh pages each step cost as much as a tenth of the step)
-            # and the extension is called directly (autograd's bookkeeping is a few percent
-            # of a step at one scenario).
+            # In place and called directly: fresh buffers and autograd's bookkeeping are a
+            # measurable share of a step (docs/performance.md).
             states_out = (inputs[3], inputs[4])
             alpha, beta = self.extension.update_gates(
                 *inputs, *self.packed, self.offsets, PREPROCESS_P, *states_out

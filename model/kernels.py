@@ -32,9 +32,8 @@ logger = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("update_cell.cpp", "rank_pools.cpp")]
 
 
-# OpenMP: at::parallel_for spreads the blocks over torch's threads only where the extension
-# is built with it (without, it silently runs them one after another); the module then uses
-# the OpenMP runtime torch already loaded (libgomp.so.1, torch's own copy).
+# at::parallel_for spreads the blocks over torch's threads only when built with OpenMP
+# (else it runs them one by one), using the runtime torch already loaded.
 OPENMP = "-fopenmp"
 COMPILE_FLAGS = ["-O3", "-ffast-math", OPENMP]
 ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mfma"]}

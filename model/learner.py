@@ -19,11 +19,10 @@ update controller. The stop controller learns by REINFORCE from the recorded log
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad_and_value, vmap
 
 from model.controllers import (
     init_stop_controller,
@@ -32,34 +31,10 @@ from model.controllers import (
     update_gates,
 )
 from model.fused_cell import fused_update_gates
+from model.inner_loss import Tables, compile_fn, recommender_losses
+from model.learner_config import LearnerConfig
 from model.params import ParamLayout, Params
-from model.recommender import RecommenderSpec, hinge_loss, init_params
-
-UpdateRule = Literal["learned", "sgd"]
-StopRule = Literal["learned", "max_steps"]
-
-
-@dataclass(frozen=True)
-class LearnerConfig:
-    recommender: RecommenderSpec
-    controller_hidden: int = 16
-    stop_hidden: int = 16
-    batch_size: int = 128
-    min_steps: int = 4
-    max_steps: int = 20
-    # Ablations: "sgd" is a fixed learning rate (FixedLr), "max_steps" never stops early
-    # (FixedStep).
-    update_rule: UpdateRule = "learned"
-    sgd_lr: float = 0.01
-    stop_rule: StopRule = "learned"
-
-
-@dataclass(frozen=True)
-class Tables:
-    """The fixed pretrained embeddings, [U, D] and [I, D]."""
-
-    user: Tensor
-    item: Tensor
+from model.recommender import init_params
 
 
 @dataclass
@@ -140,7 +115,7 @@ def adapt(
     active = torch.ones(num_scenarios, dtype=torch.bool, device=theta.device)
     steps = torch.zeros(num_scenarios, dtype=torch.long, device=theta.device)
     gates_fn = fused_gates or (_compiled_update_gates() if compiled else update_gates)
-    loss_and_grad, batched_loss = _recommender_losses(config.recommender, compiled)
+    loss_and_grad, batched_loss = recommender_losses(config.recommender, compiled)
     decide, update = _compiled_step_parts() if compiled else (_decide_stop, _apply_update)
     stop_weights = {name: value for name, value in meta.items() if name.startswith("stop.")}
     never = torch.zeros_like(active)
@@ -190,9 +165,7 @@ def adapt(
             log_prob,
             sizes,
         )
-        # The recurrent states carry no gradient from step to step (first-order), and a
-        # scenario that stopped never reads its states again (it does not resume), so they
-        # are replaced unmasked.
+        # First-order, and a stopped scenario never reads its states again: replace unmasked.
         hidden, cell = new_hidden.detach(), new_cell.detach()
         stop_hidden, stop_cell = new_stop_hidden.detach(), new_stop_cell.detach()
         records.append(record)
@@ -275,20 +248,7 @@ def _apply_update(
 def _compiled_step_parts() -> tuple[Callable[..., Any], Callable[..., Any]]:
     """The stop decision and the update as compiled functions: at one scenario a step's
     small-tensor work is mostly per-operation overhead, which compiling fuses away."""
-    return _compile(_decide_stop), _compile(_apply_update)
-
-
-RECOMPILE_LIMIT = 64
-
-
-def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """torch.compile, with room for every graph a run needs: one per recommender variant,
-    autograd mode (meta-training, evaluation) and batch shape (specialised, then dynamic),
-    a dozen or more per function where dynamo's default limit of 8 sends the rest to eager."""
-    torch._dynamo.config.recompile_limit = max(
-        torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT
-    )
-    return torch.compile(fn)
+    return compile_fn(_decide_stop), compile_fn(_apply_update)
 
 
 def _segment_means(values: Tensor, sizes: list[int]) -> Tensor:
@@ -297,68 +257,5 @@ def _segment_means(values: Tensor, sizes: list[int]) -> Tensor:
 
 
 @functools.cache
-def _recommender_losses(
-    spec: RecommenderSpec, compiled: bool
-) -> tuple[
-    Callable[[Tensor, dict[str, Tensor], Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
-    Callable[[Tensor, dict[str, Tensor], Tensor, Tensor], Tensor],
-]:
-    """(grad [S, n], loss [S], the gradient's norm per parameter tensor [S, K]) and loss [S]
-    of S scenarios' hinge losses, each at its own flat parameters [S, n] on its own triples:
-    vmap over the scenarios, the embedding tables (user, item) shared. All are constants to
-    the meta-gradient (first-order)."""
-    # One pair per recommender (not per learner config, so ablations share the compiled
-    # graphs), each its own function; `adapt` calls them without autograd's grad mode
-    # (torch.func.grad differentiates regardless, and dynamo guards on the mode), so
-    # torch.compile compiles each once per recommender and batch shape, within its recompile
-    # limit.
-    layout = ParamLayout.of(init_params(spec, torch.Generator().manual_seed(0)))
-
-    def loss_at(flat: Tensor, triples: dict[str, Tensor], user: Tensor, item: Tensor) -> Tensor:
-        return triples_loss(spec, layout, Tables(user, item), flat, triples)
-
-    in_dims = (0, 0, None, None)
-    with_grad = vmap(grad_and_value(loss_at), in_dims=in_dims)
-    loss_only = vmap(loss_at, in_dims=in_dims)
-
-    def grad_and_loss(
-        flat: Tensor, triples: dict[str, Tensor], user: Tensor, item: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        grad, loss = with_grad(flat, triples, user, item)
-        norms = torch.stack([part.norm(dim=1) for part in grad.split(layout.sizes, dim=1)], 1)
-        return grad, loss, norms
-
-    def loss(flat: Tensor, triples: dict[str, Tensor], user: Tensor, item: Tensor) -> Tensor:
-        return loss_only(flat, triples, user, item)
-
-    if compiled:
-        # Shapes start specialised and turn dynamic only where a later call differs (the
-        # scenario batch: meta-batch, validation, serving), so the layout's sizes stay
-        # constants: compiled with every shape dynamic, each call evaluated symbolic guards
-        # over them, a tenth of a one-scenario step.
-        return _compile(grad_and_loss), _compile(loss)
-    return grad_and_loss, loss
-
-
-@functools.cache
 def _compiled_update_gates() -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]:
-    return _compile(update_gates)
-
-
-def triples_loss(
-    spec: RecommenderSpec,
-    layout: ParamLayout,
-    tables: Tables,
-    flat: Tensor,
-    triples: dict[str, Tensor],
-) -> Tensor:
-    """Hinge loss of one scenario's flat parameters [n] on its triples [M]."""
-    return hinge_loss(
-        spec,
-        layout.unflatten(flat),
-        tables.user[triples["users"]],
-        tables.item[triples["positives"]],
-        tables.item[triples["negatives"]],
-        triples["positive_pop"],
-        triples["negative_pop"],
-    )
+    return compile_fn(update_gates)

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.learner import AdaptResult, LearnerConfig, Tables, adapt, layout_of
+from model.inner_loss import Tables
+from model.learner import AdaptResult, adapt, layout_of
+from model.learner_config import LearnerConfig
 from model.params import Params
 from model.recommender import score_pool
 from model.sampling import Triples, pool_popularity, sample_triples

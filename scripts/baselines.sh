@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The baseline table (README "Results"): for each shared dataset, prepare the scenario
+# The baseline table (docs/results.md): for each shared dataset, prepare the scenario
 # benchmark (splits + pretrained embeddings, cached) and evaluate the baselines over seeds
 # 0..2 on the meta-test scenarios; tables land in results/<dataset>/results.{md,json}.
 set -euo pipefail

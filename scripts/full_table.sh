@@ -16,5 +16,5 @@ methods=$methods,s2meta_interaction,s2meta_mapping,s2meta_hybrid,randinit,fixedl
 export data_dir log_dir methods OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 printf '%s\n' Sports_and_Outdoors Beauty LastFM | xargs -P 3 -I{} bash -c '
   .venv/bin/s2meta evaluate --data "$data_dir/{}" --out "results/full/{}" --seeds 3 \
-    --methods "$methods" --max-steps 150 --valid-every 50 --meta-batch 4 --compile \
+    --methods "$methods" --meta-steps 150 --valid-every 50 --meta-batch 4 --compile \
     > "$log_dir/{}.log" 2>&1 && echo "{}: done" || { echo "{}: failed, see $log_dir/{}.log"; exit 255; }'

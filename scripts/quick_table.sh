@@ -10,5 +10,5 @@ methods=random,itempop,mf_dot,mf_pop_blend,mf_finetune,finetune,general,s2meta
 methods=$methods,s2meta_interaction,s2meta_mapping,s2meta_hybrid,randinit,fixedlr,fixedstep,maml
 for stem in Beauty LastFM Sports_and_Outdoors; do
   .venv/bin/s2meta evaluate --data "$data_dir/$stem" --out "results/quick/$stem" --seeds 1 \
-    --methods "$methods" --max-steps 150 --valid-every 50 --meta-batch 4 --compile
+    --methods "$methods" --meta-steps 150 --valid-every 50 --meta-batch 4 --compile
 done
