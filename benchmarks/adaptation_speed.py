@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 from benchmarks.report import write_report
-from model.learner import LearnerConfig, Tables, adapt, init_meta_params, layout_of
+from model.inner_loss import Tables
+from model.learner import adapt, init_meta_params, layout_of
+from model.learner_config import LearnerConfig
 from model.recommender import RecommenderSpec
 from model.sampling import sample_triples
 from model.scenario import stack_triples

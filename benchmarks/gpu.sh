@@ -7,7 +7,7 @@
 # $S2META_DEVICE, default cuda; cpu rehearses the script on a machine without a GPU.
 #
 # Python, in this order:
-# - with .gpu/ (`python -m benchmarks.gpu_bundle` made it on a machine with the package index;
+# - with .gpu/ (`python -m scripts.gpu_bundle` made it on a machine with the package index;
 #   the device tool carries it): $S2META_PYTHON or python3, the image's interpreter with
 #   PyTorch, plus the bundle's wheels, data and redis-server; this is the lent machine's way,
 #   as it can fetch nothing;

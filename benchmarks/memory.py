@@ -18,7 +18,7 @@ once per recommender variant.
   of the API's RSS from the 1,000th to the 10,000th scenario held, over 9,000 (the first
   thousand also pay one-off allocations). Peak RSS = VmHWM of the API process at the end.
 
-Prints a table and writes benchmarks/results/memory.json. Not part of the test run.
+Prints a table and writes benchmarks/results/memory.json (--name). Not part of the test run.
 Run: python -m benchmarks.memory [--scenarios 10000]
 """
 
@@ -34,21 +34,35 @@ from pathlib import Path
 import httpx
 import redis
 
+from benchmarks.harness import (
+    NAMESPACE,
+    POOL_RANGE,
+    Stack,
+    copy_scenarios,
+    register,
+    rss_bytes,
+    start_lastfm_stack,
+)
 from benchmarks.report import write_report
-from benchmarks.serving_load import POOL_RANGE, register, start_lastfm_stack
-from benchmarks.soak import NAMESPACE, Stack
-from service.store import RedisStore
 
 VARIANTS = ("interaction", "mapping", "hybrid")
-GIB = 2**30
+MIB, GIB = 2**20, 2**30
 FIRST_HELD = 1000
 
 
-def proc_kib(pid: int, field: str) -> int:
+def api_rss(pid: int) -> int:
+    rss = rss_bytes(pid)
+    if rss is None:
+        raise RuntimeError(f"the API (pid {pid}) is gone")
+    return rss
+
+
+def peak_rss(pid: int) -> int:
+    """VmHWM, read from /proc: psutil has no peak resident size of another process."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/{pid}/status has no {field}")
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/{pid}/status has no VmHWM")
 
 
 def redis_bytes(client: redis.Redis, scenario_id: str) -> int:
@@ -56,23 +70,8 @@ def redis_bytes(client: redis.Redis, scenario_id: str) -> int:
     return sum(int(client.memory_usage(key, samples=0) or 0) for key in keys)
 
 
-async def copy_scenarios(redis_url: str, sources: list[str], count: int) -> list[tuple[str, str]]:
-    """`count` new scenarios, each a copy of a source's stored record; (id, source) pairs."""
-    store = RedisStore(redis_url, NAMESPACE)
-    try:
-        states = [(source, (await store.get(source)).state) for source in sources]
-        copies = []
-        for k in range(count):
-            source, state = states[k % len(states)]
-            copies.append((f"copy-{k}-{source}", source))
-            await store.put(copies[-1][0], state)
-        return copies
-    finally:
-        await store.close()
-
-
 async def hold_all(base_url: str, targets: list[tuple[str, str]], pid: int) -> dict[int, int]:
-    """One recommend per (scenario, user), 4 at a time, in order; the API's RSS in KiB after
+    """One recommend per (scenario, user), 4 at a time, in order; the API's RSS in bytes after
     FIRST_HELD and after all of them."""
     rss: dict[int, int] = {}
     async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
@@ -85,7 +84,7 @@ async def hold_all(base_url: str, targets: list[tuple[str, str]], pid: int) -> d
                 response.raise_for_status()
             held = start + len(chunk)
             if held in (FIRST_HELD, len(targets)):
-                rss[held] = proc_kib(pid, "VmRSS")
+                rss[held] = api_rss(pid)
     return rss
 
 
@@ -101,21 +100,21 @@ def hold_in_process(
     stack.start_api({"S2META_CACHE_SCENARIOS": str(count + 100)})
     assert stack.api is not None
     pid = stack.api.pid
-    ready_kib = proc_kib(pid, "VmRSS")
+    ready = api_rss(pid)
     print(f"memory: one recommend per scenario, {count:,} ...")
     rss = asyncio.run(hold_all(stack.base_url, [(c, users[source]) for c, source in copies], pid))
-    peak_kib = proc_kib(pid, "VmHWM")
+    peak = peak_rss(pid)
     stack.stop_api()
-    in_process = (rss[count] - rss[FIRST_HELD]) * 1024 / (count - FIRST_HELD)
+    in_process = (rss[count] - rss[FIRST_HELD]) / (count - FIRST_HELD)
     return {
         "redis_growth_per_scenario": redis_growth,
         "process_bytes_per_scenario": in_process,
         "process_scenarios_per_gib": GIB / in_process,
         "api_rss_mib": {
-            "ready": ready_kib / 1024,
-            f"holding {FIRST_HELD}": rss[FIRST_HELD] / 1024,
-            f"holding {count}": rss[count] / 1024,
-            "peak": peak_kib / 1024,
+            "ready": ready / MIB,
+            f"holding {FIRST_HELD}": rss[FIRST_HELD] / MIB,
+            f"holding {count}": rss[count] / MIB,
+            "peak": peak / MIB,
         },
     }
 
@@ -123,6 +122,7 @@ def hold_in_process(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--scenarios", type=int, default=10_000)
+    parser.add_argument("--name", default="memory", help="results file name")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="s2meta-memory-") as scratch:
         stack = Stack(Path(scratch), secrets.token_hex(16))
@@ -176,7 +176,7 @@ def main() -> int:
     for variant, figures in held.items():
         rss = ", ".join(f"{label} {mib:,.0f}" for label, mib in figures["api_rss_mib"].items())
         print(f"API RSS in MiB, {variant}: {rss}")
-    write_report("memory", report)
+    write_report(args.name, report)
     return 0
 
 

@@ -25,10 +25,8 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.memory import copy_scenarios
+from benchmarks.harness import Stack, copy_scenarios, register, run, start_lastfm_stack
 from benchmarks.report import write_report
-from benchmarks.serving_load import register, start_lastfm_stack
-from benchmarks.soak import Stack, run
 
 
 def readaptations(base_url: str) -> float:

@@ -38,10 +38,9 @@ import torch
 from benchmarks.report import DATA, write_report
 from meta_training.config import EmbeddingConfig, ProtocolConfig
 from meta_training.prepare import prepare
-from service.recommenders import build_index
+from service.retrieval import CpuRetriever
 from service.settings import Settings
 
-CPU = torch.device("cpu")
 TOP = 100
 NOISE = 0.5  # synthetic items' noise, in the catalogue's per-dimension standard deviations
 SINGLE_QUERIES = 100
@@ -145,10 +144,11 @@ def measure(
     ]  # fmt: skip
     for method in methods:
         start = time.perf_counter()
-        index = build_index(vectors, method.factory, method.searches[0], method.min_pool, CPU)
+        retriever = CpuRetriever(method.factory, method.searches[0], method.min_pool)
+        index = retriever.build(vectors)
         build_s = time.perf_counter() - start
         for k, search in enumerate(method.searches):
-            if k > 0:  # build_index set the first
+            if k > 0:  # the retriever set the first
                 faiss.ParameterSpace().set_index_parameters(index, search)
             found, single, batch = timed_search(index, queries)
             rows.append(

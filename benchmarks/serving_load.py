@@ -45,18 +45,19 @@ from urllib.parse import urlencode, urlsplit
 import httpx
 import uvloop
 
-from benchmarks.ports import free_port
-from benchmarks.report import DATA, write_report
-from benchmarks.soak import (
-    Scenario,
+from benchmarks.harness import (
+    POOL_RANGE,
     Stack,
-    meta_test_scenarios,
+    cpu_seconds,
     percentile,
+    register,
+    start_lastfm_stack,
     stop_process,
 )
+from benchmarks.ports import free_port
+from benchmarks.report import write_report
 from service.settings import Settings
 
-POOL_RANGE = (300, 1000)
 PROFILE_TOP = 25
 # The targets this benchmark checks, set for 32 connections on a 2-core machine: the service
 # at least this share of the bare endpoint's throughput, at most this p99, and adaptations
@@ -128,52 +129,6 @@ async def generate(url: str, pairs: list[list[str]], concurrency: int, seconds: 
         "generator_cpu_s": time.process_time() - cpu_started,
         "latencies_ms": latencies,
     }
-
-
-def start_lastfm_stack(
-    stack: Stack, name: str, settings: dict[str, str] | None = None
-) -> list[Scenario]:
-    """Redis, a meta learner trained on LastFM with a tiny budget (64-dim) and published, and
-    the API (`settings`: more S2META_* variables); the LastFM meta-test scenarios with pools in
-    POOL_RANGE (not yet registered)."""
-    print(f"{name}: training a meta learner (tiny budget, 64-dim) and publishing ...")
-    stack.start_redis()
-    stack.train_and_publish(DATA / "LastFM", embedding_dim=64)
-    stack.start_api(settings)
-    return [
-        s
-        for s in meta_test_scenarios(stack.artifact, DATA / "LastFM", stack.cache)
-        if POOL_RANGE[0] <= len(s.body["candidates"]) <= POOL_RANGE[1]
-    ]
-
-
-def register(stack: Stack, scenarios: list[Scenario], variant: str | None = None) -> list[str]:
-    """Adapt the scenarios through the API (as `<variant>-<id>` when a variant is given);
-    their ids."""
-    ids = []
-    for scenario in scenarios:
-        ids.append(f"{variant}-{scenario.scenario_id}" if variant else scenario.scenario_id)
-        httpx.post(
-            f"{stack.base_url}/scenarios/{ids[-1]}/adapt",
-            json={**scenario.body, "variant": variant},
-            headers={"Authorization": f"Bearer {stack.admin_token}"},
-            timeout=120,
-        ).raise_for_status()
-    return ids
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, all threads) a process and the processes it started (uvicorn's
-    workers) have used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    # utime and stime are the stat file's 14th and 15th fields, in clock ticks.
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    children = {
-        int(child)
-        for task in Path(f"/proc/{pid}/task").iterdir()
-        for child in (task / "children").read_text().split()
-    }
-    return own + sum(cpu_seconds(child) for child in children)
 
 
 def run_generator(url: str, pairs: Path, concurrency: int, seconds: float, server_pid: int) -> dict:

@@ -12,7 +12,7 @@ fallback) while one worker POSTs an adapt at a fixed interval (re-adapting exist
 scenarios with a new seed, and adding the other meta-test scenarios as new ids spread over
 the run). Halfway, the same artifact is published again as a new version with a Redis
 notification; the time until every scenario reports the new meta learner (GET /scenarios) is
-the hot-reload time. The API's resident memory (VmRSS) is sampled throughout.
+the hot-reload time. The API's resident memory (RSS) is sampled throughout.
 
 Criteria (the issue's "Soak"): zero 5xx (and no failed connection); no acknowledged write
 lost (every HTTP 200 adapt's scenario still exists at a revision >= the acknowledged one,
@@ -29,11 +29,8 @@ Not part of the test run. Run: python -m benchmarks.soak [--minutes 10]
 import argparse
 import asyncio
 import contextlib
-import json
-import os
 import random
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -44,52 +41,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
-import redis
 
-from benchmarks.ports import free_port
+from benchmarks.harness import (
+    NAMESPACE,
+    Scenario,
+    Stack,
+    meta_test_scenarios,
+    percentile,
+    rss_bytes,
+)
 from benchmarks.report import DATA, write_report
-from meta_training.prepare import prepare_for_artifact
 from service.store import RedisStore
 
-S2META = str(Path(sys.executable).with_name("s2meta"))
-NAMESPACE = "s2meta"  # the service's default key prefix
 WARMUP_SHARE, RELOAD_AT_SHARE, LAST_SHARE = 0.2, 0.5, 0.25
 RSS_LIMIT = 0.10
 ADAPT_ROUTE, RECOMMEND_ROUTE = "POST /scenarios/{id}/adapt", "GET /recommend"
 LIST_ROUTE, DETAIL_ROUTE = "GET /scenarios", "GET /scenarios/{id}"
-
-
-def rss_mib(pid: int) -> float | None:
-    """VmRSS of a process in MiB, None once it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def stop_process(process: subprocess.Popen, timeout_s: float = 60) -> int:
-    """SIGTERM, then SIGKILL if it does not exit in time. Returns the exit code."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """A LastFM meta-test scenario in the API's terms."""
-
-    scenario_id: str
-    body: dict[str, object]
-    users: list[str]  # its evaluation users
 
 
 @dataclass(frozen=True)
@@ -112,144 +79,6 @@ class Record:
     acks: list[Ack] = field(default_factory=list)
     sources: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)  # 5xx bodies and transport errors
-
-
-class Stack:
-    """Redis, the registry and the API as local processes in one directory."""
-
-    def __init__(self, root: Path, admin_token: str) -> None:
-        self.root = root
-        self.artifact = root / "artifact"
-        self.registry = root / "registry"
-        self.cache = root / "cache"
-        self.redis_dir = root / "redis"
-        self.redis_dir.mkdir()
-        self.redis_port = free_port()
-        self.api_port = free_port()
-        self.admin_token = admin_token
-        self.redis: subprocess.Popen | None = None
-        self.api: subprocess.Popen | None = None
-        self.api_log = root / "api.log"
-
-    @property
-    def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
-
-    def train_and_publish(self, data: Path, embedding_dim: int = 16) -> str:
-        budget = ["--max-steps", "2", "--meta-batch", "2", "--embedding-dim", str(embedding_dim)]
-        paths = ["--data", str(data), "--out", str(self.artifact), "--cache-dir", str(self.cache)]
-        run([S2META, "train", *paths, *budget])
-        return self.publish()
-
-    def publish_command(self, notify: bool = False) -> list[str]:
-        command = [S2META, "publish", str(self.artifact), "--registry", str(self.registry)]
-        return [*command, *(["--notify", self.redis_url] if notify else [])]
-
-    def publish(self) -> str:
-        return run(self.publish_command()).split()[-1]
-
-    def start_redis(self) -> None:
-        where = [
-            "--port",
-            str(self.redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.redis_dir),
-        ]
-        durable = ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
-        self.redis = subprocess.Popen(
-            ["redis-server", *where, *durable],
-            stdout=(self.root / "redis.log").open("a"),
-            stderr=subprocess.STDOUT,
-        )
-        client = redis.Redis(port=self.redis_port)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.redis.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-        client.close()
-
-    def stop_redis(self) -> int:
-        assert self.redis is not None
-        code = stop_process(self.redis)
-        self.redis = None
-        return code
-
-    def start_api(self, settings: dict[str, str] | None = None) -> None:
-        """`s2meta serve` over this stack's registry and Redis; `settings`: more S2META_*
-        variables."""
-        env = {
-            **os.environ,
-            "S2META_REGISTRY": str(self.registry),
-            "S2META_REDIS_URL": self.redis_url,
-            "S2META_PORT": str(self.api_port),
-            "S2META_ADMIN_TOKEN": self.admin_token,
-            **(settings or {}),
-        }
-        self.api = subprocess.Popen(
-            [S2META, "serve"], env=env, stdout=self.api_log.open("w"), stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.api.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the API did not get ready:\n{self.log_tail()}")
-            time.sleep(0.5)
-
-    def stop_api(self) -> int:
-        assert self.api is not None
-        return stop_process(self.api)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.api_log.read_text(errors="replace")[-chars:]
-
-    def close(self) -> None:
-        """Stop whatever still runs (after a failure)."""
-        if self.api is not None and self.api.poll() is None:
-            stop_process(self.api)
-        if self.redis is not None:
-            stop_process(self.redis)
-
-
-def run(command: list[str]) -> str:
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:2])} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
-
-
-def meta_test_scenarios(artifact: Path, data: Path, cache: Path) -> list[Scenario]:
-    """The benchmark's meta-test scenarios the artifact was trained beside, as string ids."""
-    metrics = json.loads((artifact / "metrics.json").read_text())
-    benchmark = prepare_for_artifact(metrics, data, cache).benchmark
-    ids = benchmark.data
-    scenarios = []
-    for task in benchmark.test:
-        rows = task.support_rows
-        body = {
-            "interactions": [
-                {"user": ids.user_ids[u], "item": ids.item_ids[i]}
-                for u, i in zip(ids.users[rows], ids.items[rows], strict=True)
-            ],
-            "candidates": [ids.item_ids[i] for i in task.pool],
-        }
-        users = [ids.user_ids[u] for u in np.unique(ids.users[task.eval_rows])]
-        scenarios.append(Scenario(task.scenario_id, body, users))
-    return scenarios
 
 
 class Soak:
@@ -366,9 +195,9 @@ class Soak:
     async def sample_rss(self, stop: asyncio.Event) -> None:
         assert self.stack.api is not None
         while not stop.is_set():
-            value = rss_mib(self.stack.api.pid)
+            value = rss_bytes(self.stack.api.pid)
             if value is not None:
-                self.rss.append((self.now(), value))
+                self.rss.append((self.now(), value / 2**20))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.args.sample_every)
 
@@ -462,10 +291,6 @@ async def stored_revisions(url: str, scenarios: set[str]) -> dict[str, int | Non
         return {s: await store.revision(s) for s in sorted(scenarios)}
     finally:
         await store.close()
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
 
 
 def memory_growth(samples: list[tuple[float, float]], duration_s: float) -> dict[str, object]:

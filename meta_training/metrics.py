@@ -8,6 +8,7 @@ Per-user values are averaged within a scenario, then over scenarios.
 """
 
 import numpy as np
+from scipy import stats
 
 CUTOFFS = (10, 20, 50)
 METRICS = tuple(f"{name}@{n}" for name in ("recall", "ndcg") for n in CUTOFFS)
@@ -49,10 +50,23 @@ def mean_and_ci(
     scenarios with replacement within each seed (seeds have different test scenarios).
     """
     mean = float(np.mean([values.mean() for values in per_seed]))
-    replicates = np.zeros(resamples)
-    for values in per_seed:
-        picks = rng.integers(0, len(values), size=(resamples, len(values)))
-        replicates += values[picks].mean(axis=1)
-    replicates /= len(per_seed)
-    low, high = np.percentile(replicates, [2.5, 97.5])
-    return {"mean": mean, "ci95": [float(low), float(high)]}
+    # scipy refuses one-value samples; such a seed's mean is the same in every resample.
+    varying = [values for values in per_seed if len(values) > 1]
+    if not varying:
+        return {"mean": mean, "ci95": [mean, mean]}
+    fixed = sum(float(values[0]) for values in per_seed if len(values) == 1)
+
+    def seeds_mean(*samples: np.ndarray, axis: int) -> np.ndarray:
+        return (sum(sample.mean(axis=axis) for sample in samples) + fixed) / len(per_seed)
+
+    # Unpaired: each seed's scenarios are resampled on their own.
+    interval = stats.bootstrap(
+        varying,
+        seeds_mean,
+        n_resamples=resamples,
+        vectorized=True,
+        paired=False,
+        method="percentile",
+        rng=rng,
+    ).confidence_interval
+    return {"mean": mean, "ci95": [float(interval.low), float(interval.high)]}

@@ -7,9 +7,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from benchmarks.gpu_bundle import (
+from scripts.gpu_bundle import (
     IMAGE_HOLDS,
     bundle_redis,
     bundle_requirements,
@@ -33,9 +34,10 @@ def test_distribution_names_are_normalised() -> None:
 
 def test_requirements_are_the_services_and_trainings_less_what_the_image_holds() -> None:
     names = {distribution_name(r) for r in bundle_requirements(ROOT / "pyproject.toml")}
-    # serving, the cpu extra's faiss, the train extra, and the benchmarks' client
+    # serving, the cpu extra's faiss, the train extra, and the benchmarks' client and psutil
     assert {"fastapi", "uvicorn", "redis", "pydantic-settings", "faiss-cpu", "implicit"} <= names
-    assert "httpx" in names
+    assert {"httpx", "psutil"} <= names
+    assert not names & {"pytest", "ruff", "schemathesis"}  # the dev extra's test tools
     assert not names & IMAGE_HOLDS
     assert "faiss-gpu" not in names  # one faiss: the two extras write the same package
 
@@ -70,8 +72,8 @@ def test_bundled_redis_server_runs_on_the_libraries_beside_it(tmp_path: Path) ->
         deadline = time.monotonic() + 10
         mapped: set[str] = set()
         while not expected <= mapped and time.monotonic() < deadline:
-            maps = Path(f"/proc/{server.pid}/maps").read_text()
-            mapped = {line.split()[-1] for line in maps.splitlines() if "/" in line}
+            maps = psutil.Process(server.pid).memory_maps()
+            mapped = {region.path for region in maps if region.path.startswith("/")}
             time.sleep(0.05)
     finally:
         server.terminate()

@@ -69,3 +69,25 @@ def test_multi_seed_mean_is_mean_of_seed_means():
     per_seed = [np.array([0.1, 0.3]), np.array([0.5, 0.5, 0.5, 0.9])]
     result = mean_and_ci(per_seed, np.random.default_rng(0))
     assert result["mean"] == pytest.approx((0.2 + 0.6) / 2)
+
+
+def test_bootstrap_resamples_scenarios_within_each_seed():
+    # Each seed's mean is fixed (all zeros, all ones), so every resample averages to 0.5;
+    # resampling scenarios pooled across seeds would give a wide interval.
+    result = mean_and_ci([np.zeros(20), np.ones(20)], np.random.default_rng(0))
+    assert result["ci95"] == [0.5, 0.5]
+
+
+def test_bootstrap_interval_is_the_percentile_interval():
+    # Resample means of [0, 1] are 0, 0.5 or 1 with chances 1/4, 1/2, 1/4: the 2.5th and
+    # 97.5th percentiles are the extremes (a bias-corrected interval would differ).
+    assert mean_and_ci([np.array([0.0, 1.0])], np.random.default_rng(0))["ci95"] == [0.0, 1.0]
+
+
+def test_a_one_scenario_seed_shifts_the_interval_by_its_value():
+    values = np.random.default_rng(2).random(30)
+    alone = mean_and_ci([values], np.random.default_rng(5))
+    both = mean_and_ci([np.array([1.0]), values], np.random.default_rng(5))
+    assert both["mean"] == pytest.approx((1.0 + alone["mean"]) / 2)
+    assert both["ci95"] == pytest.approx([(1.0 + bound) / 2 for bound in alone["ci95"]])
+    assert mean_and_ci([np.array([0.4])], np.random.default_rng(0))["ci95"] == [0.4, 0.4]

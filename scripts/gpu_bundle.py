@@ -5,8 +5,9 @@ service's stack, Redis, nor the shared data, and it can fetch nothing.
 
 Writes, under --out (default .gpu/, which git ignores and the device tool's `carry` takes):
 - wheels/: the wheels, for --python-version on manylinux x86-64, of s2meta's dependencies
-  (core, the cpu and train extras, and httpx for the benchmarks), as pip resolves them here,
-  less the large compiled packages the image already holds (IMAGE_HOLDS);
+  (core, the cpu and train extras, and the benchmarks' httpx and psutil from the dev extra),
+  as pip resolves them here, less the large compiled packages the image already holds
+  (IMAGE_HOLDS);
 - data/: the LastFM files the benchmarks train and serve on;
 - redis/: this machine's redis-server with the shared libraries it loads beyond the C
   runtime, behind a wrapper named redis-server that points the loader at them;
@@ -14,7 +15,7 @@ Writes, under --out (default .gpu/, which git ignores and the device tool's `car
   results' `git` field (the device gets a copy of the working tree without .git).
 
 Then, on the device: `bash benchmarks/gpu.sh` with `.gpu` carried. Not part of the test
-run. Run: python -m benchmarks.gpu_bundle [--python-version 3.12] [--out .gpu]
+run. Run: python -m scripts.gpu_bundle [--python-version 3.12] [--out .gpu]
 """
 
 import argparse
@@ -47,8 +48,9 @@ IMAGE_HOLDS = frozenset(
         "setuptools",
     }
 )
-# Beyond what s2meta declares: the benchmarks' HTTP client (the dev extra holds it here).
-BENCHMARK_REQUIREMENTS = ("httpx>=0.27",)
+# Beyond the core and those extras, what the benchmarks import: their HTTP client and process
+# figures, taken from the dev extra (which holds test tools the device needs not).
+BENCHMARK_DISTRIBUTIONS = frozenset({"httpx", "psutil"})
 # manylinux tags pip may take for the device's glibc (2.39 on its Ubuntu 24.04 image).
 MANYLINUX_TAGS = (
     *(f"manylinux_2_{minor}_x86_64" for minor in range(17, 40)),
@@ -75,10 +77,11 @@ def distribution_name(requirement: str) -> str:
 def bundle_requirements(pyproject: Path, extras: tuple[str, ...] = ("cpu", "train")) -> list[str]:
     """s2meta's requirements with the named extras and the benchmarks' own, less IMAGE_HOLDS."""
     project = tomllib.loads(pyproject.read_text())["project"]
+    optional = project["optional-dependencies"]
     requirements = list(project["dependencies"])
     for extra in extras:
-        requirements += project["optional-dependencies"][extra]
-    requirements += BENCHMARK_REQUIREMENTS
+        requirements += optional[extra]
+    requirements += [r for r in optional["dev"] if distribution_name(r) in BENCHMARK_DISTRIBUTIONS]
     return [r for r in requirements if distribution_name(r) not in IMAGE_HOLDS]
 
 
