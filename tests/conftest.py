@@ -1,109 +1,100 @@
-"""Fixtures shared by the service tests: a published multi-variant meta learner trained on
-LastFM with a tiny budget, one of its meta-test scenarios as string ids, and apps run with
-their lifespan behind httpx."""
+"""Fixtures shared by the tests: a published synthetic meta learner of every variant
+(tests/synthetic.py, built with model/ alone) and one of its scenarios as string ids, the
+storage backends, apps run with their lifespan behind httpx, and the `needs_redis` and
+`needs_cuda` markers. Nothing here imports the training stack: the service tests run
+without the `train` extra (tests/test_layering.py checks that)."""
 
 import contextlib
+import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import redis
+import torch
+from synthetic import ScenarioIds, default_scenario, save_synthetic_artifact
 
 from benchmarks.ports import free_port
-from meta_training.cli import main as offline_main
-from meta_training.config import EmbeddingConfig, ProtocolConfig
-from meta_training.prepare import Prepared, prepare
-from meta_training.protocol import EvaluationTask
 from model.artifact import publish
 from service.app import create_app
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
+# The Amazon and LastFM files, for the tests of the training stack.
 DATA = ROOT.parent / "shared" / "data" / "amazon-lastfm"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
+# needs_redis: talks to a Redis server; skipped when the local one does not answer, unless
+# S2META_REQUIRE_REDIS=1 (CI's .ci/run), where that is a failure. needs_cuda: runs on a GPU.
+needs_redis = pytest.mark.needs_redis
+needs_cuda = pytest.mark.needs_cuda
+
+
+@functools.cache
+def redis_problem() -> str | None:
+    """Why the local Redis does not answer, or None when it does."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        return str(error)
+    finally:
+        client.close()
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("needs_redis") and (problem := redis_problem()):
+        if os.environ.get("S2META_REQUIRE_REDIS") == "1":
+            pytest.fail(
+                f"S2META_REQUIRE_REDIS=1 but Redis at {REDIS_URL} does not answer: {problem}"
+            )
+        pytest.skip(f"Redis at {REDIS_URL} does not answer ({problem})")
+    if item.get_closest_marker("needs_cuda") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> tuple[Path, Prepared]:
-    """An unpublished artifact with all three variants, and the benchmark it was made on."""
-    root = tmp_path_factory.mktemp("trained")
-    cache = root / "cache"
-    code = offline_main(
-        [
-            "train",
-            "--data",
-            str(DATA / "LastFM"),
-            "--out",
-            str(root / "artifact"),
-            "--variant",
-            "auto",
-            "--max-steps",
-            "2",
-            "--meta-batch",
-            "2",
-            "--embedding-dim",
-            "16",
-            "--cache-dir",
-            str(cache),
-        ]
-    )
-    assert code == 0
-    prepared = prepare(DATA / "LastFM", 0, ProtocolConfig(), EmbeddingConfig(dim=16), cache)
-    return root / "artifact", prepared
+def artifact(tmp_path_factory) -> Path:
+    """An unpublished synthetic artifact with all three variants."""
+    return save_synthetic_artifact(tmp_path_factory.mktemp("synthetic") / "artifact")
 
 
 @pytest.fixture
-def registry(trained, tmp_path) -> Path:
+def registry(artifact, tmp_path) -> Path:
     """A registry of its own for each test, holding the artifact as v0001."""
     path = tmp_path / "registry"
-    publish(trained[0], path)
+    publish(artifact, path)
     return path
 
 
-@dataclass(frozen=True)
-class ScenarioIds:
-    """A meta-test scenario in the API's terms."""
-
-    task: EvaluationTask
-    scenario_id: str
-    interactions: list[dict[str, str]]
-    candidates: list[str]
-    eval_user: str
-
-    def body(self, **extra: object) -> dict[str, object]:
-        return {"interactions": self.interactions, "candidates": self.candidates, **extra}
-
-
 @pytest.fixture(scope="session")
-def lastfm_scenario(trained) -> ScenarioIds:
-    data = trained[1].benchmark.data
-    task = trained[1].benchmark.test[0]
-    return ScenarioIds(
-        task=task,
-        scenario_id=task.scenario_id,
-        interactions=[
-            {"user": data.user_ids[data.users[r]], "item": data.item_ids[data.items[r]]}
-            for r in task.support_rows
-        ],
-        candidates=[data.item_ids[i] for i in task.pool],
-        eval_user=data.user_ids[int(np.min(data.users[task.eval_rows]))],
-    )
+def scenario() -> ScenarioIds:
+    """A scenario of the synthetic artifact's users and items, as the API takes it."""
+    return default_scenario()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
+def backend(request) -> str:
+    """Where the app keeps its scenarios: in process, or in the local Redis."""
+    return request.param
 
 
 @pytest.fixture
-def namespace() -> Iterator[str]:
-    """A Redis key namespace of the test's own, emptied afterwards."""
+def namespace(request) -> Iterator[str]:
+    """A Redis key namespace of the test's own, emptied afterwards where Redis was used."""
     name = f"test-{uuid.uuid4().hex}"
     yield name
+    if not request.node.get_closest_marker("needs_redis"):
+        return
     client = redis.Redis.from_url(REDIS_URL)
     keys = list(client.scan_iter(match=f"{name}:*"))
     if keys:

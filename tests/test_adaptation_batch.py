@@ -4,32 +4,31 @@ adapted gets its reason, the others their records."""
 
 import torch
 from safetensors.torch import load
+from synthetic import synthetic_scenario
 
 from service import adaptation
 from service.adaptation import (
-    AdaptationInputError,
     adapt_registration,
     adapt_registrations,
     registration,
 )
+from service.errors import AdaptationInputError
 from service.learners import MetaLearners
 
 MIN_INTERACTIONS = 8
 
 
-def test_a_batch_adapts_each_scenario_as_alone(trained, registry, monkeypatch):
+def test_a_batch_adapts_each_scenario_as_alone(registry, monkeypatch):
     learners = MetaLearners(registry, torch.device("cpu"))
     learners.refresh()
     loaded = learners.current
-    data = trained[1].benchmark.data
     registrations = []
-    for k, task in enumerate(trained[1].benchmark.test[:3]):
-        interactions = [
-            (data.user_ids[data.users[r]], data.item_ids[data.items[r]]) for r in task.support_rows
-        ]
-        candidates = [data.item_ids[i] for i in task.pool]
+    for k in range(3):
+        scenario = synthetic_scenario(f"batch.{k}", seed=10 + k)
+        interactions = [(i["user"], i["item"]) for i in scenario.interactions]
         seed = 0 if k < 2 else 1
-        registrations.append((task.scenario_id, registration(interactions, candidates, None, seed)))
+        registered = registration(interactions, scenario.candidates, None, seed)
+        registrations.append((scenario.scenario_id, registered))
     first = registrations[0][1]
     too_few = registration(first.interactions[:2], first.candidates, None, 0)
     batch_sizes = []

@@ -3,11 +3,12 @@ a 400, odd scenario ids are a 422 or a 404 (never a 5xx) while valid ones with c
 work, user and item ids are opaque strings, and out-of-range numbers are a 422."""
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from conftest import REDIS_URL, running
 from starlette.types import Message, Receive, Scope, Send
+from synthetic import ScenarioIds
 
 from service.limits import BodySizeLimit
 from service.settings import Settings
@@ -48,8 +49,8 @@ class Chunks:
 
 
 @pytest.fixture
-def adapt_url(lastfm_scenario) -> str:
-    return f"/scenarios/{lastfm_scenario.scenario_id}/adapt"
+def adapt_url(scenario) -> str:
+    return f"/scenarios/{scenario.scenario_id}/adapt"
 
 
 async def nothing_stored(client) -> None:
@@ -182,9 +183,9 @@ BAD_PATH_IDS = {
 
 
 @pytest.mark.parametrize("segment,status", BAD_PATH_IDS.values(), ids=BAD_PATH_IDS.keys())
-async def test_bad_scenario_ids_in_the_path(registry, lastfm_scenario, segment, status):
+async def test_bad_scenario_ids_in_the_path(registry, scenario, segment, status):
     async with running(settings_for(registry)) as (_, client):
-        response = await client.post(f"/scenarios/{segment}/adapt", json=lastfm_scenario.body())
+        response = await client.post(f"/scenarios/{segment}/adapt", json=scenario.body())
         assert response.status_code == status, response.text
         for method in ("GET", "DELETE"):
             other = await client.request(method, f"/scenarios/{segment}")
@@ -210,28 +211,21 @@ BAD_QUERY_IDS = {
 }
 
 
-@pytest.mark.parametrize("scenario", BAD_QUERY_IDS.values(), ids=BAD_QUERY_IDS.keys())
-async def test_bad_scenario_ids_in_the_query(registry, scenario):
+@pytest.mark.parametrize("scenario_id", BAD_QUERY_IDS.values(), ids=BAD_QUERY_IDS.keys())
+async def test_bad_scenario_ids_in_the_query(registry, scenario_id):
     async with running(settings_for(registry)) as (_, client):
-        response = await client.get("/recommend", params={"user": "u", "scenario": scenario})
+        response = await client.get("/recommend", params={"user": "u", "scenario": scenario_id})
         assert response.status_code == 422, response.text
-        response = await client.get("/scenarios", params={"after": scenario})
+        response = await client.get("/scenarios", params={"after": scenario_id})
         assert response.status_code == 422, response.text
 
 
-@pytest.fixture(params=["memory", "redis"])
-def backend(request) -> str:
-    return request.param
-
-
-async def test_valid_ids_with_colons_and_dots_work(registry, lastfm_scenario, namespace, backend):
+async def test_valid_ids_with_colons_and_dots_work(registry, scenario, namespace, backend):
     # Ids that look like the store's own key layout, or are only separators, are just ids.
     ids = ["tenant:42:lastfm.v2", "scenario:x", "revision:1", ":", "...", "a-b.c:d"]
     async with running(settings_for(registry, backend, namespace)) as (_, client):
         for scenario_id in ids:
-            response = await client.post(
-                f"/scenarios/{scenario_id}/adapt", json=lastfm_scenario.body()
-            )
+            response = await client.post(f"/scenarios/{scenario_id}/adapt", json=scenario.body())
             assert response.status_code == 200, (scenario_id, response.text)
             assert response.json()["scenario"] == scenario_id
         for scenario_id in ids:
@@ -239,7 +233,7 @@ async def test_valid_ids_with_colons_and_dots_work(registry, lastfm_scenario, na
             assert detail.status_code == 200 and detail.json()["scenario"] == scenario_id
             assert detail.json()["revision"] == 1  # no id overwrote another
             served = await client.get(
-                "/recommend", params={"user": lastfm_scenario.eval_user, "scenario": scenario_id}
+                "/recommend", params={"user": scenario.eval_user, "scenario": scenario_id}
             )
             assert served.status_code == 200 and served.json()["scenario"] == scenario_id
         listed = (await client.get("/scenarios")).json()["scenarios"]
@@ -269,8 +263,7 @@ ODD_IDS = [
 ]
 
 
-async def test_odd_user_and_item_ids_are_data_and_reported_as_unknown(registry, lastfm_scenario):
-    scenario = lastfm_scenario
+async def test_odd_user_and_item_ids_are_data_and_reported_as_unknown(registry, scenario):
     body = scenario.body()
     known_item = scenario.candidates[0]
     known_user = scenario.interactions[0]["user"]
@@ -296,36 +289,45 @@ async def test_odd_user_and_item_ids_are_data_and_reported_as_unknown(registry, 
             assert not set(ODD_IDS) & {i["item"] for i in served.json()["items"]}
 
 
-async def test_huge_and_control_character_ids_are_422(registry, lastfm_scenario, adapt_url):
-    scenario = lastfm_scenario
-    huge = "x" * 257
-    known_item = scenario.candidates[0]
+HUGE = "x" * 257
+# name: the body, made from the scenario
+BAD_ID_BODIES: dict[str, Callable[[ScenarioIds], dict]] = {
+    "huge user": lambda s: s.body(
+        interactions=[*s.interactions, {"user": HUGE, "item": s.candidates[0]}]
+    ),
+    "huge item": lambda s: s.body(
+        interactions=[*s.interactions, {"user": "u", "item": HUGE}],
+        candidates=[*s.candidates, HUGE],
+    ),
+    "huge candidate": lambda s: s.body(candidates=[*s.candidates, HUGE]),
+    "empty user": lambda s: s.body(interactions=[{"user": "", "item": s.candidates[0]}]),
+    "empty candidate": lambda s: s.body(candidates=[*s.candidates, ""]),
+    "tab in item": lambda s: s.body(candidates=[*s.candidates, "a\tb"]),
+    "DEL in user": lambda s: s.body(interactions=[{"user": "a\x7f", "item": s.candidates[0]}]),
+    "number as id": lambda s: s.body(candidates=[*s.candidates, 5]),
+    "null id": lambda s: s.body(interactions=[{"user": None, "item": s.candidates[0]}]),
+}
+
+
+@pytest.mark.parametrize("make_body", BAD_ID_BODIES.values(), ids=BAD_ID_BODIES.keys())
+async def test_huge_and_control_character_ids_in_a_body_are_422(
+    registry, scenario, adapt_url, make_body
+):
     async with running(settings_for(registry)) as (_, client):
-        bodies = {
-            "huge user": scenario.body(
-                interactions=[*scenario.interactions, {"user": huge, "item": known_item}]
-            ),
-            "huge item": scenario.body(
-                interactions=[*scenario.interactions, {"user": "u", "item": huge}],
-                candidates=[*scenario.candidates, huge],
-            ),
-            "huge candidate": scenario.body(candidates=[*scenario.candidates, huge]),
-            "empty user": scenario.body(interactions=[{"user": "", "item": known_item}]),
-            "empty candidate": scenario.body(candidates=[*scenario.candidates, ""]),
-            "tab in item": scenario.body(candidates=[*scenario.candidates, "a\tb"]),
-            "DEL in user": scenario.body(interactions=[{"user": "a\x7f", "item": known_item}]),
-            "number as id": scenario.body(candidates=[*scenario.candidates, 5]),
-            "null id": scenario.body(interactions=[{"user": None, "item": known_item}]),
-        }
-        for name, body in bodies.items():
-            response = await client.post(adapt_url, json=body)
-            assert response.status_code == 422, (name, response.text)
-        for user in (huge, "", "a\nb", "a\x00b"):
-            response = await client.get(
-                "/recommend", params={"user": user, "scenario": scenario.scenario_id}
-            )
-            assert response.status_code == 422, (user, response.text)
+        response = await client.post(adapt_url, json=make_body(scenario))
+        assert response.status_code == 422, response.text
         await nothing_stored(client)
+
+
+@pytest.mark.parametrize(
+    "user", [HUGE, "", "a\nb", "a\x00b"], ids=["huge", "empty", "newline", "nul"]
+)
+async def test_huge_and_control_character_users_in_a_query_are_422(registry, scenario, user):
+    async with running(settings_for(registry)) as (_, client):
+        response = await client.get(
+            "/recommend", params={"user": user, "scenario": scenario.scenario_id}
+        )
+        assert response.status_code == 422, response.text
 
 
 # ---- numbers out of range ---------------------------------------------------------------------
@@ -346,15 +348,15 @@ async def test_limit_out_of_range_is_422(registry, limit):
 
 
 @pytest.mark.parametrize("seed", [-1, 2**32, 2**64, 10**30, 1.5, "7", True, [1], {}])
-async def test_seed_out_of_range_is_422(registry, lastfm_scenario, adapt_url, seed):
+async def test_seed_out_of_range_is_422(registry, scenario, adapt_url, seed):
     async with running(settings_for(registry)) as (_, client):
-        response = await client.post(adapt_url, json=lastfm_scenario.body(seed=seed))
+        response = await client.post(adapt_url, json=scenario.body(seed=seed))
         assert response.status_code == 422, (seed, response.text)
         await nothing_stored(client)
 
 
-async def test_seed_bounds_are_accepted(registry, lastfm_scenario, adapt_url):
+async def test_seed_bounds_are_accepted(registry, scenario, adapt_url):
     async with running(settings_for(registry)) as (_, client):
         for seed in (0, 2**32 - 1):
-            response = await client.post(adapt_url, json=lastfm_scenario.body(seed=seed))
+            response = await client.post(adapt_url, json=scenario.body(seed=seed))
             assert response.status_code == 200, (seed, response.text)

@@ -7,10 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import DATA
 
-from meta_training.cli import main
+from meta_training.cli import _parser, _training, main
+from meta_training.config import MetaTrainConfig
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-lastfm"
 LASTFM = DATA / "LastFM"
 METRIC_NAMES = {f"{name}@{n}" for name in ("recall", "ndcg") for n in (10, 20, 50)}
 METHODS = ["random", "itempop", "mf_dot"]
@@ -213,11 +214,19 @@ def test_evaluate_min_pool_above_max_pool(lastfm_tabular, tmp_path, capsys):
     assert "min_pool_items" in line and "max_pool_items" in line
 
 
-def test_evaluate_invalid_setting_value(lastfm_tabular, tmp_path, capsys):
-    out = tmp_path / "out"
-    argv = evaluate_argv(lastfm_tabular, out, tmp_path / "cache", "--support-size", "0")
-    line = assert_rejected(argv, out, capsys)
-    assert "support_size" in line
+@pytest.mark.parametrize(
+    ("flag", "setting"),
+    [
+        ("--support-size", "support_size"),
+        ("--meta-steps", "iterations"),
+        ("--adapt-max-steps", "learner.max_steps"),
+    ],
+)
+def test_evaluate_invalid_setting_value(lastfm_tabular, tmp_path, capsys, flag, setting):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    line = assert_rejected(evaluate_argv(lastfm_tabular, out, cache, flag, "0"), out, capsys)
+    assert setting in line
+    assert not cache.exists()
 
 
 @pytest.mark.parametrize("methods", ["random,bogus", ",", "MF_DOT"])
@@ -277,3 +286,43 @@ def test_evaluate_non_utf8_input(tmp_path, capsys):
         evaluate_argv(data, out, tmp_path / "cache", "--seeds", "1"), out, capsys
     )
     assert str(data / "interactions.csv") in line
+
+
+# ---------------------------------------------------------------------------- step flags
+
+COMMANDS = [["train", "--out", "artifact"], ["evaluate", "--out", "results"]]
+
+
+def training_of(command: list[str], *flags: str) -> MetaTrainConfig:
+    return _training(_parser().parse_args([*command, "--data", "LastFM", *flags]))
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_step_flags_set_meta_training_and_adaptation_steps(command, capsys):
+    config = training_of(
+        command, "--meta-steps", "7", "--adapt-max-steps", "9", "--adapt-min-steps", "2"
+    )
+    assert (config.iterations, config.valid_every) == (7, 7)
+    assert (config.learner.max_steps, config.learner.min_steps) == (9, 2)
+    assert training_of(command) == MetaTrainConfig()
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_max_steps_is_a_deprecated_alias_of_meta_steps(command, capsys):
+    config = training_of(command, "--max-steps", "7")
+    assert config.iterations == 7
+    assert config.learner.max_steps == MetaTrainConfig().learner.max_steps
+    assert capsys.readouterr().err == (
+        "s2meta: warning: --max-steps is deprecated, use --meta-steps\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "order", [["--meta-steps", "7", "--max-steps", "7"], ["--max-steps", "7", "--meta-steps", "8"]]
+)
+def test_meta_steps_and_its_alias_together_are_refused(order, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        training_of(COMMANDS[0], *order)
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err

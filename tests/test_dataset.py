@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA
 
 from meta_training.cli import main
 from meta_training.dataset import (
@@ -17,7 +18,6 @@ from meta_training.dataset import (
 )
 from meta_training.errors import DataError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-lastfm"
 LASTFM = DATA / "LastFM"
 SLICE_LINES = 200
 

@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from service.routes import DirectRoute, DirectRoutes
+from service.direct_routes import DirectRoute, DirectRoutes
 
 pytestmark = pytest.mark.anyio
 ORIGIN = "https://shop.example"

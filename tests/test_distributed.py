@@ -7,17 +7,17 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import DATA
 from safetensors.torch import load_file
 
 from meta_training.cli import main
 from model.artifact import load_artifact
 from model.learner import init_meta_params
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-lastfm"
 TRAIN = [
     "--data",
     str(DATA / "LastFM"),
-    "--max-steps",
+    "--meta-steps",
     "3",
     "--variant",
     "hybrid",

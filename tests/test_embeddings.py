@@ -1,17 +1,16 @@
 """Pretraining sees exactly the visible interactions, and says who has no embedding."""
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA
 
 from meta_training.config import EmbeddingConfig, ProtocolConfig
 from meta_training.dataset import load_dataset
 from meta_training.embeddings import pretrain_embeddings
 from meta_training.protocol import build_benchmark
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-lastfm"
 CONFIG = EmbeddingConfig(dim=16, iterations=5)
 
 

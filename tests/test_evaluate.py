@@ -1,9 +1,8 @@
 """Baselines score what they claim to, and the evaluation table has the promised shape."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import DATA
 
 from meta_training.config import EmbeddingConfig, MetaTrainConfig, ProtocolConfig
 from meta_training.evaluate import evaluate, results_markdown, write_results
@@ -11,8 +10,6 @@ from meta_training.methods import MethodContext
 from meta_training.prepare import prepare
 from meta_training.protocol import ground_truth
 from meta_training.registry import METHODS
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-lastfm"
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REDIS_URL, RedisProcess, free_port, running
+from conftest import REDIS_URL, RedisProcess, free_port, needs_redis, running
 from safetensors.torch import load
 
 from model.artifact import publish
@@ -24,10 +24,10 @@ pytestmark = pytest.mark.anyio
 TIMEOUT_S = 1.0
 
 
+@needs_redis
 async def test_redis_down_serves_what_is_held_refuses_the_rest_and_recovers(
-    registry, lastfm_scenario, redis_process
+    registry, scenario, redis_process
 ):
-    scenario = lastfm_scenario
     settings = Settings(
         registry=registry,
         redis_url=redis_process.url,
@@ -146,9 +146,10 @@ def wait_ready(base: str, server: subprocess.Popen, log: Path) -> None:
         time.sleep(0.3)
 
 
+@needs_redis
 @pytest.mark.parametrize("redis_fault", ["sigterm", "sigkill-appendfsync-always"])
 def test_acknowledged_adaptations_survive_killing_the_service_and_restarting_redis(
-    registry, lastfm_scenario, tmp_path, redis_fault
+    registry, scenario, tmp_path, redis_fault
 ):
     fsync = ("--appendfsync", "always") if redis_fault.startswith("sigkill") else ()
     store = RedisProcess(tmp_path / "redis-data", *fsync)
@@ -161,7 +162,7 @@ def test_acknowledged_adaptations_survive_killing_the_service_and_restarting_red
         acknowledged = {}
         for k in range(4):
             response = httpx.post(
-                f"{base}/scenarios/s{k % 3}/adapt", json=lastfm_scenario.body(seed=k), timeout=60
+                f"{base}/scenarios/s{k % 3}/adapt", json=scenario.body(seed=k), timeout=60
             )
             assert response.status_code == 200, response.text
             acknowledged[f"s{k % 3}"] = response.json()["revision"]
@@ -175,7 +176,7 @@ def test_acknowledged_adaptations_survive_killing_the_service_and_restarting_red
         for scenario_id, revision in acknowledged.items():
             detail = httpx.get(f"{base}/scenarios/{scenario_id}", timeout=10).json()
             assert detail["revision"] == revision
-            params = {"user": lastfm_scenario.eval_user, "scenario": scenario_id}
+            params = {"user": scenario.eval_user, "scenario": scenario_id}
             served = httpx.get(f"{base}/recommend", params=params, timeout=30).json()
             assert served["revision"] == revision
     finally:
@@ -186,11 +187,11 @@ def test_acknowledged_adaptations_survive_killing_the_service_and_restarting_red
 
 @pytest.mark.parametrize("corruption", ["truncated", "wrong-sha256", "missing-file"])
 async def test_a_corrupt_artifact_is_refused_and_serving_goes_on(
-    trained, registry, lastfm_scenario, corruption, caplog
+    artifact, registry, scenario, corruption, caplog
 ):
     async with running(Settings(registry=registry, reload_poll_s=600)) as (app, client):
-        await client.post("/scenarios/kept/adapt", json=lastfm_scenario.body())
-        publish(trained[0], registry)
+        await client.post("/scenarios/kept/adapt", json=scenario.body())
+        publish(artifact, registry)
         version = registry / "versions" / "v0002"
         blob = version / "meta_learner.hybrid.safetensors"
         if corruption == "truncated":
@@ -199,16 +200,15 @@ async def test_a_corrupt_artifact_is_refused_and_serving_goes_on(
             blob.write_bytes(blob.read_bytes()[:-1] + b"\x01")
         else:
             (version / "ids.json").unlink()
-        assert await app.state.service.refresh() is None
+        assert await app.state.lifecycle.refresh() is None
         assert "refusing meta learner v0002" in caplog.text
-        params = {"user": lastfm_scenario.eval_user, "scenario": "kept"}
+        params = {"user": scenario.eval_user, "scenario": "kept"}
         served = await client.get("/recommend", params=params)
         assert served.status_code == 200 and served.json()["meta_learner"] == "v0001"
         assert (await client.get("/readyz")).json()["meta_learner"] == "v0001"
 
 
-async def test_a_hot_reload_under_load_fails_no_request(trained, registry, lastfm_scenario):
-    scenario = lastfm_scenario
+async def test_a_hot_reload_under_load_fails_no_request(artifact, registry, scenario):
     settings = Settings(registry=registry, reload_poll_s=0.2, adapt_workers=2)
     names = [f"load{k}" for k in range(3)]
     async with running(settings) as (_, client):
@@ -233,7 +233,7 @@ async def test_a_hot_reload_under_load_fails_no_request(trained, registry, lastf
 
         workers = [asyncio.create_task(load()) for _ in range(4)]
         await answered(8)
-        publish(trained[0], registry)
+        publish(artifact, registry)
         deadline = asyncio.get_running_loop().time() + 60
         while True:
             page = (await client.get("/scenarios")).json()["scenarios"]
@@ -248,10 +248,10 @@ async def test_a_hot_reload_under_load_fails_no_request(trained, registry, lastf
     assert answers[0][1] == "v0001" and answers[-1][1] == "v0002"
 
 
+@needs_redis
 async def test_two_replicas_racing_on_one_scenario_store_whole_revisions(
-    registry, lastfm_scenario, namespace
+    registry, scenario, namespace
 ):
-    scenario = lastfm_scenario
     settings = Settings(
         registry=registry,
         redis_url=REDIS_URL,

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from synthetic import default_scenario
 
 from model.artifact import publish
 from service.app import create_app
@@ -28,7 +29,7 @@ from service.settings import Settings
 
 TOKEN = "fuzz-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SCENARIO = "fuzz:lastfm.1"
+SCENARIO = "fuzz:world.1"
 
 _registry_dir = tempfile.TemporaryDirectory(prefix="s2meta-fuzz-")
 REGISTRY = Path(_registry_dir.name) / "registry"
@@ -65,27 +66,28 @@ def fuzz_config(users: list[str]) -> schemathesis.config.SchemathesisConfig:
     )
 
 
-# Any user of an adapted scenario gets a 200: LastFM's numeric ids scored where the scenario
-# knows them, any other id the popular fallback.
-schema = schemathesis.openapi.from_dict(app.openapi(), config=fuzz_config(["7", "ghost"]))
+# Any user of an adapted scenario gets a 200: a user with an embedding scored, any other id
+# the popular fallback.
+USERS = [default_scenario().eval_user, "ghost"]
+schema = schemathesis.openapi.from_dict(app.openapi(), config=fuzz_config(USERS))
 schema.app = app  # requests go to the app in process (what from_asgi does, without a lifespan)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def published(trained) -> Iterator[None]:
-    publish(trained[0], REGISTRY)
+def published(artifact) -> Iterator[None]:
+    publish(artifact, REGISTRY)
     yield
     _registry_dir.cleanup()
 
 
 @pytest.fixture
-def adapted(lastfm_scenario) -> None:
+def adapted(scenario) -> None:
     """One scenario adapted in this test's lifespan (schemathesis starts it here)."""
     operation = schema["/scenarios/{scenario_id}/adapt"]["POST"]
     case = operation.Case(
         path_parameters={"scenario_id": SCENARIO},
         headers=AUTH,
-        body=lastfm_scenario.body(),
+        body=scenario.body(),
         media_type="application/json",
     )
     response = case.call()

@@ -3,16 +3,16 @@ scenario re-adapted once across replicas and switched atomically, old versions k
 needed, corrupt versions refused."""
 
 import asyncio
+import json
 import logging
 import threading
 
 import pytest
 import redis
-from conftest import REDIS_URL, running
+from conftest import REDIS_URL, needs_redis, running
 
-from meta_training.cli import main as offline_main
-from model.artifact import events_channel, publish
-from service import scenarios as scenarios_module
+from model.artifact import PUBLISHED_EVENT, events_channel, publish
+from service import lifecycle as lifecycle_module
 from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -30,7 +30,7 @@ def held_first_call(monkeypatch) -> threading.Event:
     """Hold the first batch of re-adaptations until the returned event is set; later ones
     (and adaptations a client asks for) run freely."""
     release = threading.Event()
-    real = scenarios_module.adapt_registrations
+    real = lifecycle_module.adapt_registrations
     calls = []
 
     def adaptation(*args, **kwargs):
@@ -39,21 +39,20 @@ def held_first_call(monkeypatch) -> threading.Event:
             release.wait(timeout=60)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(scenarios_module, "adapt_registrations", adaptation)
+    monkeypatch.setattr(lifecycle_module, "adapt_registrations", adaptation)
     return release
 
 
 async def test_polling_reload_serves_old_revision_until_readapted(
-    trained, registry, lastfm_scenario, monkeypatch
+    artifact, registry, scenario, monkeypatch
 ):
-    scenario = lastfm_scenario
     settings = Settings(registry=registry, reload_poll_s=0.1, adapt_workers=2)
     params = {"user": scenario.eval_user, "scenario": scenario.scenario_id}
     async with running(settings) as (app, client):
         service = app.state.service
         await client.post(f"/scenarios/{scenario.scenario_id}/adapt", json=scenario.body())
         release = held_first_call(monkeypatch)
-        publish(trained[0], registry)  # v0002, found by polling
+        publish(artifact, registry)  # v0002, found by polling
 
         async def switched() -> bool:
             current = service.learners.current
@@ -90,12 +89,12 @@ async def test_polling_reload_serves_old_revision_until_readapted(
         assert 'version="v0001"' not in metrics  # the replaced version is dropped
 
 
-async def test_stale_scenarios_are_readapted_in_batches(trained, registry, lastfm_scenario):
+async def test_stale_scenarios_are_readapted_in_batches(artifact, registry, scenario):
     settings = Settings(registry=registry, reload_poll_s=0.1, readapt_batch=2)
     async with running(settings) as (app, client):
         for name in ("a", "b", "c"):
-            await client.post(f"/scenarios/{name}/adapt", json=lastfm_scenario.body())
-        publish(trained[0], registry)
+            await client.post(f"/scenarios/{name}/adapt", json=scenario.body())
+        publish(artifact, registry)
 
         async def all_readapted() -> bool:
             page = (await client.get("/scenarios")).json()["scenarios"]
@@ -110,16 +109,15 @@ async def test_stale_scenarios_are_readapted_in_batches(trained, registry, lastf
 
 
 async def test_a_newer_client_revision_wins_over_a_late_readaptation(
-    trained, registry, lastfm_scenario, monkeypatch
+    artifact, registry, scenario, monkeypatch
 ):
-    scenario = lastfm_scenario
     settings = Settings(registry=registry, reload_poll_s=0.1, adapt_workers=2)
     async with running(settings) as (app, client):
         service = app.state.service
         url = f"/scenarios/{scenario.scenario_id}/adapt"
         await client.post(url, json=scenario.body())
         release = held_first_call(monkeypatch)
-        publish(trained[0], registry)
+        publish(artifact, registry)
 
         async def readapting() -> bool:
             return service._in_flight == 1
@@ -138,10 +136,10 @@ async def test_a_newer_client_revision_wins_over_a_late_readaptation(
         assert (detail["revision"], detail["variant"]) == (2, "mapping")  # not overwritten
 
 
+@needs_redis
 async def test_redis_notification_reloads_every_replica_and_readapts_once(
-    trained, registry, lastfm_scenario, namespace
+    artifact, registry, scenario, namespace
 ):
-    scenario = lastfm_scenario
     # Polling effectively off: only the published notification can trigger the reload.
     settings = Settings(
         registry=registry, redis_url=REDIS_URL, namespace=namespace, reload_poll_s=3600
@@ -156,19 +154,10 @@ async def test_redis_notification_reloads_every_replica_and_readapts_once(
             return counts.get(events_channel(namespace).encode(), 0) >= 2
 
         await wait_for(subscribed, what="both replicas subscribed")
-        code = offline_main(
-            [
-                "publish",
-                str(trained[0]),
-                "--registry",
-                str(registry),
-                "--notify",
-                REDIS_URL,
-                "--namespace",
-                namespace,
-            ]
-        )
-        assert code == 0
+        # What `s2meta publish --notify` does (tests/test_s2meta_command.py checks it says so).
+        version = publish(artifact, registry)
+        event = json.dumps({"type": PUBLISHED_EVENT, "version": version})
+        client_redis.publish(events_channel(namespace), event)
 
         async def all_readapted() -> bool:
             versions = [
@@ -191,20 +180,20 @@ async def test_redis_notification_reloads_every_replica_and_readapts_once(
 
 
 async def test_a_corrupt_version_is_refused_and_the_service_stays(
-    trained, registry, lastfm_scenario, caplog
+    artifact, registry, scenario, caplog
 ):
     settings = Settings(registry=registry, reload_poll_s=3600)
     async with running(settings) as (app, client):
         service = app.state.service
-        publish(trained[0], registry)
+        publish(artifact, registry)
         blob = registry / "versions" / "v0002" / "embeddings.safetensors"
         blob.write_bytes(blob.read_bytes()[:-4] + b"\0\0\0\0")
         with caplog.at_level(logging.ERROR, logger="service.learners"):
-            assert await service.refresh() is None
+            assert await app.state.lifecycle.refresh() is None
         assert "refusing meta learner v0002" in caplog.text and "sha256" in caplog.text
         assert service.learners.current.version == "v0001"
         assert (await client.get("/readyz")).json()["meta_learner"] == "v0001"
-        response = await client.post("/scenarios/x/adapt", json=lastfm_scenario.body())
+        response = await client.post("/scenarios/x/adapt", json=scenario.body())
         assert response.json()["meta_learner"] == "v0001"
-        publish(trained[0], registry)
-        assert await service.refresh() == "v0003"
+        publish(artifact, registry)
+        assert await app.state.lifecycle.refresh() == "v0003"

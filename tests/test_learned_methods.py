@@ -1,18 +1,21 @@
 """The meta-trained methods inside `evaluate`: each configuration is trained once per seed,
 s2meta keeps the variant best on meta-valid, and the ablations build on that variant."""
 
-from pathlib import Path
-
 import pytest
+from conftest import DATA
 
 import meta_training.learned_methods as learned
 from meta_training.config import EmbeddingConfig, MetaTrainConfig, ProtocolConfig
 from meta_training.evaluate import evaluate
 from meta_training.prepare import prepare
+from model.learner_config import LearnerOptions
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-lastfm"
 TINY = MetaTrainConfig(
-    iterations=2, meta_batch=1, max_steps=3, min_steps=1, valid_every=1, test_size=32
+    iterations=2,
+    meta_batch=1,
+    learner=LearnerOptions(max_steps=3, min_steps=1),
+    valid_every=1,
+    test_size=32,
 )
 
 
@@ -32,7 +35,7 @@ def test_s2meta_and_an_ablation_train_each_configuration_once(prepared, monkeypa
     real = learned.meta_train
 
     def counting(benchmark, embeddings, config, seed):
-        calls.append((config.variant, config.update_rule))
+        calls.append((config.variant, config.learner.update_rule))
         return real(benchmark, embeddings, config, seed)
 
     monkeypatch.setattr(learned, "meta_train", counting)

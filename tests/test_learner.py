@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from model.controllers import preprocess, update_gates
-from model.learner import LearnerConfig, Tables, adapt, init_meta_params, layout_of, triples_loss
+from model.inner_loss import Tables, triples_loss
+from model.learner import adapt, init_meta_params, layout_of
+from model.learner_config import LearnerConfig
 from model.recommender import RecommenderSpec
 from model.sampling import sample_triples
 

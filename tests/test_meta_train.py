@@ -7,19 +7,34 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DATA
 
 from meta_training.cli import main
 from meta_training.config import EmbeddingConfig, MetaTrainConfig, ProtocolConfig
 from meta_training.episodes import draw_episode, usable_episode_tasks
 from meta_training.meta_train import learner_config, meta_train, trainable_names
 from meta_training.prepare import prepare
-from model.artifact import load_artifact, load_current, publish, verify_artifact
+from model.artifact import (
+    Artifact,
+    MetaLearner,
+    load_artifact,
+    load_current,
+    publish,
+    save_artifact,
+    verify_artifact,
+)
 from model.errors import ArtifactError
+from model.inner_loss import Tables
 from model.learner import init_meta_params
+from model.learner_config import LearnerConfig, LearnerOptions
+from model.recommender import RecommenderSpec
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-lastfm"
 SMALL = MetaTrainConfig(
-    iterations=4, meta_batch=2, max_steps=5, min_steps=2, valid_every=2, test_size=64
+    iterations=4,
+    meta_batch=2,
+    learner=LearnerOptions(max_steps=5, min_steps=2),
+    valid_every=2,
+    test_size=64,
 )
 
 
@@ -44,7 +59,7 @@ def train_cli(artifact: Path, cache: Path, variant: str, *extra: str) -> int:
             str(cache),
             "--embedding-dim",
             "16",
-            "--max-steps",
+            "--meta-steps",
             "1",
             "--meta-batch",
             "1",
@@ -87,12 +102,12 @@ def test_meta_training_is_seeded_and_updates_what_it_learns(prepared):
     ("changes", "frozen_prefix"),
     [
         ({"learn_init": False}, "init"),
-        ({"update_rule": "sgd"}, "update."),
-        ({"stop_rule": "max_steps"}, "stop."),
+        ({"learner": {"update_rule": "sgd"}}, "update."),
+        ({"learner": {"stop_rule": "max_steps"}}, "stop."),
     ],
 )
 def test_ablations_freeze_their_part(prepared, changes, frozen_prefix):
-    config = SMALL.model_copy(update={**changes, "valid_every": 1})
+    config = SMALL.with_changes(**changes, valid_every=1)
     trained = meta_train(prepared.benchmark, prepared.embeddings, config, seed=0)
     untouched = meta_train(
         prepared.benchmark,
@@ -134,17 +149,34 @@ def test_train_publish_and_load(prepared, tmp_path, capsys):
             artifact,
             tmp_path / "cache",
             "hybrid",
-            "--max-steps",
+            "--meta-steps",
             "2",
             "--valid-every",
             "1",
             "--meta-batch",
             "2",
+            "--adapt-max-steps",
+            "6",
+            "--adapt-min-steps",
+            "3",
         )
         == 0
     )
     metrics = json.loads((artifact / "metrics.json").read_text())
     assert metrics["variant"] == "hybrid" and metrics["dataset"] == "LastFM"
+    # The training configuration round-trips through the artifact, its learner options
+    # nested, and they are the options the saved learner adapts with.
+    training = MetaTrainConfig.model_validate(metrics["training"])
+    assert training == MetaTrainConfig(
+        variant="hybrid",
+        iterations=2,
+        valid_every=1,
+        meta_batch=2,
+        learner=LearnerOptions(max_steps=6, min_steps=3),
+    )
+    assert load_artifact(artifact).learner == LearnerConfig.of(
+        RecommenderSpec("hybrid", 16), training.learner
+    )
     assert main(["publish", str(artifact), "--registry", str(registry)]) == 0
     assert main(["publish", str(artifact), "--registry", str(registry)]) == 0
     assert capsys.readouterr().out.split()[-2:] == ["v0001", "v0002"]
@@ -225,3 +257,35 @@ def test_trace_draws_the_adaptation_of_a_scenario(prepared, tmp_path, capsys):
     assert f"scenario {scenario}:" in capsys.readouterr().out
     assert trace("no-such", tmp_path / "x.png") == 2
     assert not (tmp_path / "x.png").exists()
+
+
+def test_learner_config_is_saved_flat_and_checked_on_load(tmp_path):
+    config = LearnerConfig(RecommenderSpec("mapping", 8), max_steps=6)
+    meta = init_meta_params(config, torch.Generator().manual_seed(0))
+    artifact = Artifact(
+        learners={"mapping": MetaLearner(meta, config)},
+        default_variant="mapping",
+        tables=Tables(torch.zeros(3, 8), torch.zeros(4, 8)),
+        user_ids=["u0", "u1", "u2"],
+        item_ids=["i0", "i1", "i2", "i3"],
+        metrics={},
+    )
+    save_artifact(artifact, tmp_path / "good")
+    saved = json.loads((tmp_path / "good" / "config.json").read_text())["learners"]["mapping"]
+    # Format 2 as before the options had their own type, so older artifacts still load.
+    assert saved == {
+        "recommender": {"variant": "mapping", "embedding_dim": 8},
+        "controller_hidden": 16,
+        "stop_hidden": 16,
+        "batch_size": 128,
+        "min_steps": 4,
+        "max_steps": 6,
+        "update_rule": "learned",
+        "sgd_lr": 0.01,
+        "stop_rule": "learned",
+    }
+    assert load_artifact(tmp_path / "good").learner == config
+    object.__setattr__(config, "update_rule", "adam")  # what validation would refuse
+    save_artifact(artifact, tmp_path / "bad")
+    with pytest.raises(ArtifactError, match=r"learner 'mapping': update_rule: Input should be"):
+        load_artifact(tmp_path / "bad")

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA
 
 from meta_training.config import EmbeddingConfig, ProtocolConfig
 from meta_training.prepare import prepare
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-lastfm"
 EMBEDDING = EmbeddingConfig(dim=8, iterations=3)
 
 

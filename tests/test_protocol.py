@@ -1,10 +1,9 @@
 """The benchmark protocol on real data: selection, splits, support/evaluation users, episode
 users, and above all that nothing held out reaches pretraining, meta-training or selection."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import DATA
 
 from meta_training.config import ProtocolConfig, ScenarioSelection
 from meta_training.dataset import InteractionData, load_dataset
@@ -15,8 +14,6 @@ from meta_training.protocol import (
     build_benchmark,
     select_scenarios,
 )
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-lastfm"
 
 
 @pytest.fixture(scope="module")

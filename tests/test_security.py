@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ADMIN, READ = "admin-SECRET-7f3a9c", "read-SECRET-21be44"
 
 
-async def test_read_token_and_admin_token_guard_their_routes(registry, lastfm_scenario, caplog):
+async def test_read_token_and_admin_token_guard_their_routes(registry, scenario, caplog):
     settings = Settings(registry=registry, admin_token=ADMIN, read_token=READ)
     admin = {"Authorization": f"Bearer {ADMIN}"}
     read = {"Authorization": f"Bearer {READ}"}
@@ -27,13 +27,9 @@ async def test_read_token_and_admin_token_guard_their_routes(registry, lastfm_sc
     caplog.set_level(logging.DEBUG)
     async with running(settings) as (_, client):
         url = "/scenarios/guarded/adapt"
-        assert (
-            await client.post(url, json=lastfm_scenario.body(), headers=read)
-        ).status_code == 403
-        assert (
-            await client.post(url, json=lastfm_scenario.body(), headers=admin)
-        ).status_code == 200
-        params = {"user": lastfm_scenario.eval_user, "scenario": "guarded"}
+        assert (await client.post(url, json=scenario.body(), headers=read)).status_code == 403
+        assert (await client.post(url, json=scenario.body(), headers=admin)).status_code == 200
+        params = {"user": scenario.eval_user, "scenario": "guarded"}
         for route, query in (
             ("/recommend", params),
             ("/scenarios/guarded", {}),
@@ -96,14 +92,14 @@ def test_registry_pointer_cannot_leave_the_registry(tmp_path, pointer):
         current_version(tmp_path)
 
 
-async def test_a_tampered_version_in_the_store_cannot_open_other_paths(registry, lastfm_scenario):
+async def test_a_tampered_version_in_the_store_cannot_open_other_paths(registry, scenario):
     async with running(Settings(registry=registry)) as (app, client):
-        await client.post("/scenarios/tampered/adapt", json=lastfm_scenario.body())
+        await client.post("/scenarios/tampered/adapt", json=scenario.body())
         store = app.state.service.store
         stored = await store.get("tampered")
         meta = {**stored.state.meta, "meta_learner": "../../outside"}
         await store.put("tampered", dataclasses.replace(stored.state, meta=meta))
-        params = {"user": lastfm_scenario.eval_user, "scenario": "tampered"}
+        params = {"user": scenario.eval_user, "scenario": "tampered"}
         response = await client.get("/recommend", params=params)
     assert response.status_code == 503 and "not a version name" in response.json()["detail"]
 

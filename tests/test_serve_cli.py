@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from conftest import REDIS_URL
+from conftest import REDIS_URL, needs_redis
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -65,15 +65,6 @@ def test_several_workers_need_redis(tmp_path, monkeypatch, capsys):
     assert "S2META_WORKERS=2 needs S2META_REDIS_URL" in capsys.readouterr().err
 
 
-def test_help_lists_serve_beside_the_offline_commands(capsys):
-    try:
-        main(["--help"])
-    except SystemExit as done:
-        assert done.code == 0
-    out = capsys.readouterr().out
-    assert "serve" in out and "train" in out and "publish" in out
-
-
 @contextmanager
 def serving(env: dict[str, str], log_path: Path) -> Iterator[str]:
     """`s2meta serve` as a process of its own on a free port, ready; its base URL. Stopped
@@ -111,23 +102,24 @@ def serving(env: dict[str, str], log_path: Path) -> Iterator[str]:
     assert "Application shutdown complete" in log_path.read_text()
 
 
-def test_a_server_process_becomes_ready_and_serves(registry, lastfm_scenario, tmp_path):
+def test_a_server_process_becomes_ready_and_serves(registry, scenario, tmp_path):
     env = {"S2META_REGISTRY": str(registry), "S2META_ADMIN_TOKEN": "t"}
     with serving(env, tmp_path / "serve.log") as base:
-        url = f"{base}/scenarios/{lastfm_scenario.scenario_id}/adapt"
-        assert httpx.post(url, json=lastfm_scenario.body(), timeout=60).status_code == 401
+        url = f"{base}/scenarios/{scenario.scenario_id}/adapt"
+        assert httpx.post(url, json=scenario.body(), timeout=60).status_code == 401
         adapted = httpx.post(
-            url, json=lastfm_scenario.body(), headers={"Authorization": "Bearer t"}, timeout=60
+            url, json=scenario.body(), headers={"Authorization": "Bearer t"}, timeout=60
         )
         assert adapted.status_code == 200, adapted.text
-        params = {"user": lastfm_scenario.eval_user, "scenario": lastfm_scenario.scenario_id}
+        params = {"user": scenario.eval_user, "scenario": scenario.scenario_id}
         served = httpx.get(f"{base}/recommend", params=params, timeout=10).json()
         assert len(served["items"]) == 10 and served["meta_learner"] == "v0001"
     # The access log is off unless S2META_ACCESS_LOG is set (the workers' test sets it).
     assert '"GET /recommend?' not in (tmp_path / "serve.log").read_text()
 
 
-def test_workers_share_the_port_redis_and_metrics(registry, lastfm_scenario, namespace, tmp_path):
+@needs_redis
+def test_workers_share_the_port_redis_and_metrics(registry, scenario, namespace, tmp_path):
     """Two worker processes: a scenario adapted through one is served by both, and /metrics,
     whichever worker answers it, counts every worker's requests (multiprocess mode); the
     access log, set on, has a line per recommend."""
@@ -144,9 +136,9 @@ def test_workers_share_the_port_redis_and_metrics(registry, lastfm_scenario, nam
     (metrics_dir / "counter_1.db").write_bytes(b"a previous run's file")  # must be emptied
     recommends = 40
     with serving(env, tmp_path / "serve.log") as base:
-        url = f"{base}/scenarios/{lastfm_scenario.scenario_id}/adapt"
-        assert httpx.post(url, json=lastfm_scenario.body(), timeout=60).status_code == 200
-        params = {"user": lastfm_scenario.eval_user, "scenario": lastfm_scenario.scenario_id}
+        url = f"{base}/scenarios/{scenario.scenario_id}/adapt"
+        assert httpx.post(url, json=scenario.body(), timeout=60).status_code == 200
+        params = {"user": scenario.eval_user, "scenario": scenario.scenario_id}
         rankings = set()
         for _ in range(recommends):  # a new connection each: the kernel spreads them
             served = httpx.get(f"{base}/recommend", params=params, timeout=10)

@@ -6,6 +6,7 @@ import asyncio
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -13,17 +14,18 @@ import numpy as np
 import pytest
 import redis
 import torch
-from conftest import REDIS_URL, running
+from conftest import REDIS_URL, needs_cuda, needs_redis, running
 from fastapi import FastAPI, Query, Request, Response
+from synthetic import ScenarioIds
 
 from model.artifact import load_artifact
 from model.scenario import ScenarioInput, adapt_scenarios, score_scenario
 from service import scenarios as scenarios_module
 from service.app import create_app
-from service.routes import DirectRoute
+from service.direct_routes import DirectRoute
+from service.errors import StoreError
 from service.schemas import RecommendQuery, RecommendResponse
 from service.settings import Settings
-from service.store import StoreError
 
 pytestmark = pytest.mark.anyio
 
@@ -31,11 +33,6 @@ pytestmark = pytest.mark.anyio
 def settings_for(registry, backend: str, namespace: str, **overrides: object) -> Settings:
     redis_url = REDIS_URL if backend == "redis" else None
     return Settings(registry=registry, redis_url=redis_url, namespace=namespace, **overrides)
-
-
-@pytest.fixture(params=["memory", "redis"])
-def backend(request) -> str:
-    return request.param
 
 
 def expected_ranking(registry, scenario, variant: str, user: str, seed: int = 0):
@@ -61,9 +58,8 @@ def expected_ranking(registry, scenario, variant: str, user: str, seed: int = 0)
 
 @pytest.mark.parametrize("variant", ["hybrid", "mapping", "interaction"])
 async def test_adapt_then_recommend_equals_the_model_code(
-    registry, lastfm_scenario, namespace, backend, variant
+    registry, scenario, namespace, backend, variant
 ):
-    scenario = lastfm_scenario
     result, ranking = expected_ranking(registry, scenario, variant, scenario.eval_user)
     async with running(settings_for(registry, backend, namespace)) as (_, client):
         response = await client.post(
@@ -101,8 +97,22 @@ async def test_adapt_then_recommend_equals_the_model_code(
         )
 
 
-async def test_same_seed_same_adaptation_and_another_seed_differs(registry, lastfm_scenario):
-    scenario = lastfm_scenario
+@needs_cuda
+@pytest.mark.parametrize("variant", ["hybrid", "mapping", "interaction"])
+async def test_adapt_and_recommend_on_the_gpu(registry, scenario, variant):
+    """The same routes with adaptation and scoring on the GPU: each variant adapts, and a
+    user with an embedding gets the scenario's candidates ranked by its recommender."""
+    async with running(settings_for(registry, "memory", "gpu", device="cuda")) as (_, client):
+        url = f"/scenarios/{scenario.scenario_id}/adapt"
+        adapted = await client.post(url, json=scenario.body(variant=variant))
+        assert adapted.status_code == 200, adapted.text
+        params = {"user": scenario.eval_user, "scenario": scenario.scenario_id}
+        served = (await client.get("/recommend", params=params)).json()
+    assert served["source"] == "adapted" and len(served["items"]) == 10
+    assert {i["item"] for i in served["items"]} <= set(scenario.candidates)
+
+
+async def test_same_seed_same_adaptation_and_another_seed_differs(registry, scenario):
     async with running(settings_for(registry, "memory", "s")) as (_, client):
         url = f"/scenarios/{scenario.scenario_id}/adapt"
         first = (await client.post(url, json=scenario.body(seed=7))).json()
@@ -113,8 +123,7 @@ async def test_same_seed_same_adaptation_and_another_seed_differs(registry, last
     assert other["train_loss"] != first["train_loss"]
 
 
-async def test_unknown_ids_are_reported_and_ignored(registry, lastfm_scenario):
-    scenario = lastfm_scenario
+async def test_unknown_ids_are_reported_and_ignored(registry, scenario):
     body = scenario.body()
     body["interactions"] = [
         *body["interactions"],
@@ -135,8 +144,7 @@ async def test_unknown_ids_are_reported_and_ignored(registry, lastfm_scenario):
         assert detail["counts"]["registered_interactions"] == len(scenario.interactions) + 1
 
 
-async def test_popular_fallback_and_exclude_seen(registry, lastfm_scenario, namespace, backend):
-    scenario = lastfm_scenario
+async def test_popular_fallback_and_exclude_seen(registry, scenario, namespace, backend):
     pool = len(scenario.candidates)
     support_user = scenario.interactions[0]["user"]
     seen = {i["item"] for i in scenario.interactions if i["user"] == support_user}
@@ -166,8 +174,7 @@ async def test_popular_fallback_and_exclude_seen(registry, lastfm_scenario, name
         assert "s2meta_popular_fallbacks_total 1.0" in metrics
 
 
-async def test_scenario_routes_list_describe_delete(registry, lastfm_scenario, namespace, backend):
-    scenario = lastfm_scenario
+async def test_scenario_routes_list_describe_delete(registry, scenario, namespace, backend):
     token = "s3cret"
     settings = settings_for(registry, backend, namespace, admin_token=token)
     auth = {"Authorization": f"Bearer {token}"}
@@ -203,70 +210,80 @@ async def test_scenario_routes_list_describe_delete(registry, lastfm_scenario, n
         ).status_code == 200
 
 
-async def test_bad_input_is_a_clear_4xx_and_stores_nothing(registry, lastfm_scenario):
-    scenario = lastfm_scenario
-    settings = settings_for(
-        registry, "memory", "s", max_interactions=100, max_candidates=len(scenario.candidates)
-    )
-    url = f"/scenarios/{scenario.scenario_id}/adapt"
+# name: (the body, made from the scenario; what the 422's detail says, where checked)
+BAD_ADAPT_BODIES: dict[str, tuple[Callable[[ScenarioIds], dict], str]] = {
+    "empty body": (lambda s: {}, ""),
+    "no interactions": (lambda s: s.body(interactions=[]), ""),
+    "too many interactions": (lambda s: s.body(interactions=s.interactions * 2), "at most 100"),
+    "too many candidates": (lambda s: s.body(candidates=[*s.candidates, "x"]), "at most {pool}"),
+    "bad user id": (lambda s: s.body(interactions=[{"user": "a\x01", "item": "b"}]), ""),
+    "too long id": (lambda s: s.body(candidates=["x" * 300]), ""),
+    "unknown field": (lambda s: s.body(extra=1), ""),
+    "bad variant": (lambda s: s.body(variant="deep"), ""),
+    "negative seed": (lambda s: s.body(seed=-1), ""),
+    "tiny pool": (
+        lambda s: {
+            "interactions": [s.interactions[0]],
+            "candidates": [s.interactions[0]["item"], "ghost"],
+        },
+        "at least 2",
+    ),
+    "too few usable": (lambda s: s.body(interactions=s.interactions[:5]), "at least 8"),
+    "item outside the pool": (
+        lambda s: s.body(candidates=[c for c in s.candidates if c != s.interactions[0]["item"]]),
+        "not among the candidates",
+    ),
+}
+
+
+@pytest.mark.parametrize("make_body,reason", BAD_ADAPT_BODIES.values(), ids=BAD_ADAPT_BODIES.keys())
+async def test_a_bad_adapt_body_is_a_clear_422_and_stores_nothing(
+    registry, scenario, make_body, reason
+):
+    pool = len(scenario.candidates)
+    settings = settings_for(registry, "memory", "s", max_interactions=100, max_candidates=pool)
     async with running(settings) as (_, client):
-        cases = {
-            "empty body": {},
-            "no interactions": scenario.body(interactions=[]),
-            "too many interactions": scenario.body(interactions=scenario.interactions * 2),
-            "too many candidates": scenario.body(candidates=[*scenario.candidates, "x"]),
-            "bad user id": scenario.body(interactions=[{"user": "a\x01", "item": "b"}]),
-            "too long id": scenario.body(candidates=["x" * 300]),
-            "unknown field": scenario.body(extra=1),
-            "bad variant": scenario.body(variant="deep"),
-            "negative seed": scenario.body(seed=-1),
-            "tiny pool": {
-                "interactions": [scenario.interactions[0]],
-                "candidates": [scenario.interactions[0]["item"], "ghost"],
-            },
-            "too few usable": scenario.body(interactions=scenario.interactions[:5]),
-            "item outside the pool": scenario.body(
-                candidates=[c for c in scenario.candidates if c != scenario.interactions[0]["item"]]
-            ),
-        }
-        reasons = {}
-        for name, body in cases.items():
-            response = await client.post(url, json=body)
-            assert response.status_code == 422, (name, response.text)
-            reasons[name] = str(response.json()["detail"])
-        assert "at most 100" in reasons["too many interactions"]
-        assert f"at most {len(scenario.candidates)}" in reasons["too many candidates"]
-        assert "at least 2" in reasons["tiny pool"]
-        assert "at least 8" in reasons["too few usable"]
-        assert "not among the candidates" in reasons["item outside the pool"]
-        assert (
-            await client.post("/scenarios/bad id!/adapt", json=scenario.body())
-        ).status_code == 422
+        url = f"/scenarios/{scenario.scenario_id}/adapt"
+        response = await client.post(url, json=make_body(scenario))
+        assert response.status_code == 422, response.text
+        assert reason.format(pool=pool) in str(response.json()["detail"])
+        assert (await client.get("/scenarios")).json()["scenarios"] == []  # nothing stored
+
+
+async def test_a_bad_scenario_id_or_a_body_not_json_is_422(registry, scenario):
+    async with running(settings_for(registry, "memory", "s")) as (_, client):
+        response = await client.post("/scenarios/bad id!/adapt", json=scenario.body())
+        assert response.status_code == 422
+        url = f"/scenarios/{scenario.scenario_id}/adapt"
         assert (await client.post(url, content=b"not json")).status_code == 422
-        for params in ({"n": 0}, {"n": 1001}, {"user": ""}, {"scenario": "a/b"}):
-            query = {"user": "u", "scenario": scenario.scenario_id, **params}
-            response = await client.get("/recommend", params=query)
-            assert response.status_code == 422, params
-            # FastAPI's shape of field errors, located in the query.
-            [error] = response.json()["detail"]
-            assert error["loc"] == ["query", *params], params
-            assert error["msg"] and error["type"], params
+        assert (await client.get("/scenarios")).json()["scenarios"] == []
+
+
+@pytest.mark.parametrize("params", [{"n": 0}, {"n": 1001}, {"user": ""}, {"scenario": "a/b"}])
+async def test_a_bad_recommend_query_is_a_422_located_in_the_query(registry, scenario, params):
+    async with running(settings_for(registry, "memory", "s")) as (_, client):
+        query = {"user": "u", "scenario": scenario.scenario_id, **params}
+        response = await client.get("/recommend", params=query)
+        assert response.status_code == 422
+        # FastAPI's shape of field errors, located in the query.
+        [error] = response.json()["detail"]
+        assert error["loc"] == ["query", *params]
+        assert error["msg"] and error["type"]
+
+
+async def test_recommend_names_every_bad_field_and_an_unknown_scenario_is_404(registry):
+    async with running(settings_for(registry, "memory", "s")) as (_, client):
         response = await client.get("/recommend", params={"n": "many"})
         assert {tuple(e["loc"]) for e in response.json()["detail"]} == {
             ("query", "user"),
             ("query", "scenario"),
             ("query", "n"),
         }
-        assert (await client.get("/scenarios")).json()["scenarios"] == []  # nothing stored
-        assert (
-            await client.get("/recommend", params={"user": "u", "scenario": "nope"})
-        ).status_code == 404
+        unknown = await client.get("/recommend", params={"user": "u", "scenario": "nope"})
+        assert unknown.status_code == 404
 
 
-async def test_queue_full_is_429_and_recommend_is_not_blocked(
-    registry, lastfm_scenario, monkeypatch
-):
-    scenario = lastfm_scenario
+async def test_queue_full_is_429_and_recommend_is_not_blocked(registry, scenario, monkeypatch):
     settings = settings_for(registry, "memory", "s", adapt_workers=1, adapt_queue=0)
     release = threading.Event()
     real = scenarios_module.adapt_registration
@@ -292,8 +309,7 @@ async def test_queue_full_is_429_and_recommend_is_not_blocked(
         assert "s2meta_adaptations_rejected_total 1.0" in (await client.get("/metrics")).text
 
 
-async def test_unreachable_store_is_503_and_not_ready(registry, lastfm_scenario):
-    scenario = lastfm_scenario
+async def test_unreachable_store_is_503_and_not_ready(registry, scenario):
     settings = Settings(registry=registry, redis_url="redis://127.0.0.1:1/0", reload_poll_s=60)
     async with running(settings) as (_, client):
         assert (await client.get("/healthz")).status_code == 200
@@ -307,17 +323,15 @@ async def test_unreachable_store_is_503_and_not_ready(registry, lastfm_scenario)
         assert response.status_code == 503
 
 
-async def test_without_a_published_meta_learner_not_ready_and_adapt_is_503(
-    tmp_path, lastfm_scenario
-):
+async def test_without_a_published_meta_learner_not_ready_and_adapt_is_503(tmp_path, scenario):
     async with running(Settings(registry=tmp_path, reload_poll_s=60)) as (_, client):
         assert (await client.get("/readyz")).status_code == 503
-        response = await client.post("/scenarios/x/adapt", json=lastfm_scenario.body())
+        response = await client.post("/scenarios/x/adapt", json=scenario.body())
         assert response.status_code == 503 and "meta learner" in response.json()["detail"]
 
 
-async def test_two_replicas_share_scenarios_through_redis(registry, lastfm_scenario, namespace):
-    scenario = lastfm_scenario
+@needs_redis
+async def test_two_replicas_share_scenarios_through_redis(registry, scenario, namespace):
     settings = settings_for(registry, "redis", namespace, reload_poll_s=60)
     params = {"user": scenario.eval_user, "scenario": scenario.scenario_id}
     async with running(settings) as (_, first), running(settings) as (_, second):
@@ -383,12 +397,10 @@ def metric(text: str, name: str) -> float:
     return float(found.group(1))
 
 
-async def test_recommend_asks_the_store_only_after_an_announcement(
-    registry, lastfm_scenario, namespace
-):
+@needs_redis
+async def test_recommend_asks_the_store_only_after_an_announcement(registry, scenario, namespace):
     """While a replica hears the store's announcements it serves a revision it has read
     without asking the store again; another replica's write reaches it through them."""
-    scenario = lastfm_scenario
     settings = settings_for(registry, "redis", namespace, reload_poll_s=60)
     params = {"user": scenario.eval_user, "scenario": scenario.scenario_id}
     redis_client = redis.Redis.from_url(REDIS_URL)
@@ -419,13 +431,13 @@ async def test_recommend_asks_the_store_only_after_an_announcement(
     redis_client.close()
 
 
-async def test_concurrent_misses_load_a_scenario_once(registry, lastfm_scenario, monkeypatch):
+async def test_concurrent_misses_load_a_scenario_once(registry, scenario, monkeypatch):
     """Concurrent recommends that miss the cache on one revision fetch the stored scenario
     and build its recommender once between them; a failed load fails each of them, and the
     next miss loads again."""
-    params = {"user": lastfm_scenario.eval_user, "scenario": "s"}
+    params = {"user": scenario.eval_user, "scenario": "s"}
     async with running(settings_for(registry, "memory", "once")) as (app, client):
-        await client.post("/scenarios/s/adapt", json=lastfm_scenario.body())
+        await client.post("/scenarios/s/adapt", json=scenario.body())
         service = app.state.service
         stored_get = service.store.get
         fetched: list[str] = []
@@ -478,12 +490,9 @@ def assert_same_ranking(got: list[dict], want: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("variant", ["interaction", "mapping"])
-async def test_concurrent_recommends_ranked_together_equal_one_by_one(
-    registry, lastfm_scenario, variant
-):
+async def test_concurrent_recommends_ranked_together_equal_one_by_one(registry, scenario, variant):
     """Dynamic batching: concurrent recommends (several users, one without an embedding,
     different n and exclude_seen) ranked in batches give what one-by-one ranking gives."""
-    scenario = lastfm_scenario
     support_users = sorted({i["user"] for i in scenario.interactions})[:12]
     users = [*support_users, scenario.eval_user, "nobody"]
     requests = [
@@ -513,11 +522,10 @@ async def test_concurrent_recommends_ranked_together_equal_one_by_one(
         assert_same_ranking(batched["items"], alone["items"])
 
 
-async def test_a_batch_over_scenarios_of_every_variant_equals_one_by_one(registry, lastfm_scenario):
+async def test_a_batch_over_scenarios_of_every_variant_equals_one_by_one(registry, scenario):
     """One batch holding requests for interaction, hybrid and mapping scenarios: their pools
     scored in one kernel call, the mapping one searched alone, each answer what ranking it
     alone gives."""
-    scenario = lastfm_scenario
     users = [*sorted({i["user"] for i in scenario.interactions})[:6], scenario.eval_user, "x"]
     variants = ("interaction", "hybrid", "mapping")
     requests = [

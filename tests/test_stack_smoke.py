@@ -11,8 +11,14 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
-from conftest import DATA, ROOT, RedisProcess, compose_config, free_port
+from conftest import DATA, ROOT, RedisProcess, compose_config, free_port, needs_redis
+from synthetic import ScenarioIds
+
+from meta_training.config import ProtocolConfig
+from meta_training.dataset import load_dataset
+from meta_training.protocol import build_benchmark
 
 # Faster than the stack's defaults; everything else is the compose file's own.
 SMOKE_TRAINING = {
@@ -35,6 +41,23 @@ def localised(environment: dict[str, str], paths: dict[str, Path], redis_port: i
     return {**os.environ, **local, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
 
 
+@pytest.fixture(scope="module")
+def lastfm_scenario() -> ScenarioIds:
+    """A LastFM meta-test scenario as string ids: the trainer trains on LastFM, so the
+    artifact knows only its users and items."""
+    data = load_dataset(DATA / "LastFM")
+    task = build_benchmark(data, ProtocolConfig(), seed=0).test[0]
+    return ScenarioIds(
+        scenario_id=task.scenario_id,
+        interactions=[
+            {"user": data.user_ids[data.users[r]], "item": data.item_ids[data.items[r]]}
+            for r in task.support_rows
+        ],
+        candidates=[data.item_ids[i] for i in task.pool],
+        eval_user=data.user_ids[int(np.min(data.users[task.eval_rows]))],
+    )
+
+
 @pytest.fixture
 def redis_server(stack, tmp_path):
     """The compose file's redis command, on a port and directory of this test's own."""
@@ -44,6 +67,7 @@ def redis_server(stack, tmp_path):
     server.stop()
 
 
+@needs_redis
 def test_train_publish_reload_adapt_recommend(stack, redis_server, tmp_path, lastfm_scenario):
     services = compose_config(stack, "train")["services"]
     paths = {"/registry": tmp_path / "registry", "/data": DATA, "/cache": tmp_path / "cache"}

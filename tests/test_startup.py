@@ -24,8 +24,8 @@ with TestClient(create_app(Settings(registry=registry))) as client:
 """
 
 
-def test_serving_imports_nothing_after_start_up(registry, lastfm_scenario):
-    body, user = json.dumps(lastfm_scenario.body()), lastfm_scenario.eval_user
+def test_serving_imports_nothing_after_start_up(registry, scenario):
+    body, user = json.dumps(scenario.body()), scenario.eval_user
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT, body, user, str(registry)],
         capture_output=True,

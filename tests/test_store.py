@@ -9,7 +9,9 @@ from uuid import uuid4
 import pytest
 import redis
 import redis.asyncio as aioredis
+from conftest import REDIS_URL, needs_redis
 
+from service.errors import StoreError
 from service.store import (
     SCENARIO_EVENT,
     SUBSCRIBED_EVENT,
@@ -17,18 +19,11 @@ from service.store import (
     RedisStore,
     ScenarioState,
     ScenarioStore,
-    StoreError,
 )
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 UNREACHABLE_URL = "redis://127.0.0.1:1/0"
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
 
 
 async def _drop_namespace(namespace: str) -> None:
@@ -48,7 +43,7 @@ async def redis_namespace(anyio_backend) -> AsyncIterator[str]:
     await _drop_namespace(namespace)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
 async def store(request, anyio_backend) -> AsyncIterator[ScenarioStore]:
     if request.param == "memory":
         memory = MemoryStore()
@@ -425,6 +420,7 @@ async def test_redis_unreachable_events_raise_store_error():
         await unreachable.close()
 
 
+@needs_redis
 @pytest.mark.parametrize("tamper", ["other", "missing"])
 async def test_redis_unreadable_schema_raises_store_error(redis_namespace, tamper):
     store = RedisStore(REDIS_URL, redis_namespace, timeout_s=2.0)
@@ -458,6 +454,7 @@ async def test_redis_unreadable_schema_raises_store_error(redis_namespace, tampe
         await store.close()
 
 
+@needs_redis
 async def test_redis_stores_share_state_and_events(redis_namespace):
     """Two replicas on the same namespace see each other's writes, locks and events."""
     one = RedisStore(REDIS_URL, redis_namespace, timeout_s=2.0)
@@ -493,6 +490,7 @@ async def test_redis_stores_share_state_and_events(redis_namespace):
         await two.close()
 
 
+@needs_redis
 async def test_a_dropped_redis_subscription_ends_with_a_store_error(redis_namespace):
     """A subscription whose connection drops does not quietly resume (announcements made
     meanwhile would be lost): it ends with a StoreError, and a new one starts over."""
@@ -515,6 +513,7 @@ async def test_a_dropped_redis_subscription_ends_with_a_store_error(redis_namesp
         admin.close()
 
 
+@needs_redis
 async def test_redis_namespaces_are_isolated(redis_namespace):
     other_namespace = f"test-{uuid4().hex}"
     one = RedisStore(REDIS_URL, redis_namespace, timeout_s=2.0)

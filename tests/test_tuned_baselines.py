@@ -1,17 +1,14 @@
 """Tuned baselines: settings are chosen on meta-valid, and each method scores every pool."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import DATA
 
 from meta_training.config import EmbeddingConfig, MetaTrainConfig, ProtocolConfig
 from meta_training.methods import MethodContext
 from meta_training.prepare import prepare
 from meta_training.protocol import ground_truth
 from meta_training.tuned_baselines import mf_finetune, mf_pop_blend, tune_on_valid
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-lastfm"
 
 
 @pytest.fixture(scope="module")
