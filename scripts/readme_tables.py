@@ -1,4 +1,4 @@
-"""Copy the result tables into README.md between the markers that name them, e.g.
+"""Copy the result tables into docs/results.md between the markers that name them, e.g.
 <!-- tables:results --> ... <!-- /tables:results --> takes results/<dataset>/results.md and
 <!-- tables:results/quick --> takes results/quick/<dataset>/results.md.
 Run: python scripts/readme_tables.py"""
@@ -21,9 +21,9 @@ def tables(directory: str) -> str:
 
 
 def main() -> None:
-    readme = ROOT / "README.md"
-    text = BLOCK.sub(lambda m: m.group(1) + tables(m.group("dir")) + m.group(4), readme.read_text())
-    readme.write_text(text)
+    page = ROOT / "docs" / "results.md"
+    text = BLOCK.sub(lambda m: m.group(1) + tables(m.group("dir")) + m.group(4), page.read_text())
+    page.write_text(text)
 
 
 if __name__ == "__main__":
