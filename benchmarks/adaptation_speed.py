@@ -6,8 +6,8 @@ Prints and writes benchmarks/results/adaptation_speed_<device>.json:
 - one scenario on one CPU thread: median and p90 ms for the reference (eager, unfused), the
   fused update cell with the eager recommender gradient, and the fused cell with the compiled
   gradient (what evaluation and serving run), beside the FLOP floor (the step's FLOPs at this
-  machine's measured one-thread matmul rate) and the official code's figures as the issue
-  gives them for this machine (128 ms per scenario, 233 ms per meta-training task);
+  machine's measured one-thread matmul rate) and the official implementation's figures for
+  this machine, held as constants (128 ms per scenario, 233 ms per meta-training task);
 - a batch of 64 scenarios: scenarios per second;
 - meta-training: tasks per second (meta-batch 8, compiled, the differentiable controller);
 the last two on one thread and on all of the machine's cores.
@@ -133,8 +133,8 @@ def main() -> None:
         result = adapt(trainable, config, tables, train8, uniforms8, test8, compiled=True)
         result.theta.sum().backward()
 
-    # Throughput on one thread and on every core (how the jobs run): the issue gives the
-    # official code's thread count only for the one-scenario figure.
+    # Throughput on one thread and on every core (how the jobs run): the official figures
+    # name a thread count only for one scenario.
     thread_counts = [1, os.cpu_count() or 1] if device.type == "cpu" else [None]
     for threads in dict.fromkeys(thread_counts):
         if threads is not None:

@@ -15,8 +15,9 @@ query asked one at a time (median over the single queries) and per query in one 
 queries; recall@20 and recall@100 against the exact top-100 (torch, float32); speed-up over
 exact torch scoring (matrix product and top-k), one at a time and batched. "service default"
 is what `s2meta serve` builds with its default settings (S2META_FAISS_INDEX, _SEARCH,
-_MIN_POOL): exact Flat below the minimum pool. Target (the issue's): at 1M, the service's
-default approximate index at recall@100 >= 0.95 and >= 5x faster than exact torch scoring.
+_MIN_POOL): exact Flat below the minimum pool. Target (docs/benchmarks.md): at 1M, the
+service's default approximate index at recall@100 >= 0.95 and >= 5x faster than exact torch
+scoring.
 
 Threads: torch and faiss use all cores (2 on the reference machine).
 Prints a table and writes benchmarks/results/retrieval_scale.json. Not part of the test run.

@@ -14,7 +14,7 @@ the run). Halfway, the same artifact is published again as a new version with a 
 notification; the time until every scenario reports the new meta learner (GET /scenarios) is
 the hot-reload time. The API's resident memory (RSS) is sampled throughout.
 
-Criteria (the issue's "Soak"): zero 5xx (and no failed connection); no acknowledged write
+Criteria (docs/benchmarks.md#soak): zero 5xx (and no failed connection); no acknowledged write
 lost (every HTTP 200 adapt's scenario still exists at a revision >= the acknowledged one,
 no revision acknowledged twice, also after Redis restarts from its append-only file); RSS
 growth under 10% after warm-up, growth = (median of the last quarter - the sample at the end

@@ -1,7 +1,8 @@
 #!/bin/sh
 # The trainer's job (docker-compose `trainer`, the Kubernetes Job and CronJob): prepare the
-# dataset and meta-train (s2meta train), publish into the registry and notify the API replicas through Redis
-# (s2meta publish reads S2META_REDIS_URL), so they hot-reload the new meta learner.
+# dataset and meta-train (s2meta train), publish into the registry and notify the API
+# replicas through Redis (s2meta publish reads S2META_REDIS_URL), so they hot-reload the new
+# meta learner.
 set -eu
 : "${S2META_TRAIN_DATA:?set S2META_TRAIN_DATA to a dataset (a sequence-form stem or a tabular directory)}"
 : "${S2META_REGISTRY:?set S2META_REGISTRY to the registry directory}"

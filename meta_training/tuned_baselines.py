@@ -21,7 +21,7 @@ from meta_training.episodes import support_input
 from meta_training.meta_train import tables_of
 from meta_training.methods import MethodContext, Scorer, itempop, mean_recall_at_20, mf_dot
 from meta_training.protocol import EvaluationTask
-from model.learner import Tables
+from model.inner_loss import Tables
 from model.recommender import RecommenderSpec, hinge_loss, init_params, score_pool
 from model.sampling import pool_popularity, sample_triples
 from model.scenario import scenario_rng

@@ -39,7 +39,3 @@ class ParamLayout:
             name: part.view(shape)
             for name, part, shape in zip(self.names, parts, self.shapes, strict=True)
         }
-
-    def segment_ids(self) -> Tensor:
-        """[numel] index of the tensor each element belongs to."""
-        return torch.repeat_interleave(torch.arange(len(self.names)), torch.tensor(self.sizes))
