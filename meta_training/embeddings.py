@@ -28,8 +28,10 @@ def pretrain_embeddings(
     data: InteractionData, visible: np.ndarray, config: EmbeddingConfig, seed: int
 ) -> Embeddings:
     users, items = data.users[visible], data.items[visible]
+    # The input's weights are ALS confidences (implicit scales them by alpha); else all 1.
+    values = np.ones(len(users)) if data.weights is None else data.weights[visible]
     user_items = sp.csr_matrix(
-        (np.ones(len(users), dtype=np.float32), (users, items)),
+        (values.astype(np.float32), (users, items)),
         shape=(data.num_users, data.num_items),
     )
     # implicit parallelises over users itself; a multi-threaded BLAS underneath only contends.

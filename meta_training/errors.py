@@ -6,7 +6,8 @@ class S2MetaError(Exception):
 
 
 class DataError(S2MetaError):
-    """An input file is missing, malformed or inconsistent; the message names file and line."""
+    """An input file is missing, malformed or inconsistent; the message names the file and the
+    line (text files) or the column (Parquet)."""
 
 
 class SettingsError(S2MetaError):

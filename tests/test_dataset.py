@@ -411,22 +411,26 @@ def test_error_empty_attribute_json(tmp_path):
         load_dataset(stem)
 
 
-def test_error_scenario_names_item_without_interaction(tmp_path):
+def test_scenario_item_without_interaction_is_a_cold_item(tmp_path):
     directory = write_tabular(
         tmp_path / "tab",
         "user,item\nu-a,i-x\nu-b,i-y\n",
-        "item,scenario\ni-x,s-1\ni-y,s-1\ni-ghost,s-2\n",
+        "item,scenario\ni-x,s-1\ni-ghost,s-1\ni-y,s-1\ni-ghost,s-2\n",
     )
-    with pytest.raises(DataError, match=data_error(directory / "item_scenarios.csv", 4)) as raised:
-        load_dataset(directory)
-    assert "i-ghost" in str(raised.value)
+    data = load_dataset(directory)
+    # The cold item comes after every interacted item, is in both its pools, has no row.
+    assert data.item_ids == ["i-x", "i-y", "i-ghost"]
+    assert id_pools(data) == {"s-1": {"i-x", "i-y", "i-ghost"}, "s-2": {"i-ghost"}}
+    assert_pools_sorted_unique(data)
+    assert id_pairs(data) == [("u-a", "i-x"), ("u-b", "i-y")]
 
 
-def test_error_attribute_json_names_item_without_interaction(tmp_path):
-    stem = write_sequence(tmp_path, "S", "u1 a b\n", json.dumps({"a": [1], "zz": [2]}))
-    with pytest.raises(DataError, match=data_error(tmp_path / "S_item2attributes.json")) as e:
-        load_dataset(stem)
-    assert "'zz'" in str(e.value)
+def test_attribute_json_item_without_interaction_is_a_cold_item(tmp_path):
+    stem = write_sequence(tmp_path, "S", "u1 a b\n", json.dumps({"a": [1], "zz": [2, 1]}))
+    data = load_dataset(stem)
+    assert data.item_ids == ["a", "b", "zz"]
+    assert id_pools(data) == {"1": {"a", "zz"}, "2": {"zz"}}
+    assert data.num_interactions == 2
 
 
 def test_error_malformed_json(tmp_path):
