@@ -2,6 +2,7 @@
 plain pydantic models for the protocol and the embeddings (saved with what they produce)."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,10 +28,13 @@ class ScenarioSelection(BaseModel):
 
 
 class ProtocolConfig(BaseModel):
-    """The evaluation protocol; see docs/protocol.md."""
+    """The evaluation protocol, or the serving one (`s2meta train`); see docs/protocol.md."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # "evaluation": meta-train/valid/test, hidden rows as in docs/protocol.md. "serving": every
+    # scenario but a meta-valid slice meta-trains, and only that slice's rows are hidden.
+    kind: Literal["evaluation", "serving"] = "evaluation"
     selection: ScenarioSelection = ScenarioSelection()
     train_share: float = Field(0.7, gt=0, lt=1)
     valid_share: float = Field(0.1, gt=0, lt=1)
@@ -42,6 +46,10 @@ class ProtocolConfig(BaseModel):
     eval_user_share: float = Field(0.2, gt=0, le=1)
     # Meta-train episode interactions hidden from pretraining, as a share of all interactions.
     episode_share: float = Field(0.1, ge=0, lt=1)
+    # Serving: the validation slice's scenarios are claimed until the rows they hide reach
+    # this share of all interactions (at least one scenario); train_share, valid_share and
+    # episode_share do not apply.
+    validation_share: float = Field(0.05, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _shares(self) -> "ProtocolConfig":
@@ -60,6 +68,15 @@ class EmbeddingConfig(BaseModel):
     regularization: float = Field(0.01, ge=0)
     alpha: float = Field(20.0, gt=0)
     iterations: int = Field(30, ge=1)
+
+
+class SuppliedEmbeddings(BaseModel):
+    """User and item vectors from the caller's own model, read from `path` instead of
+    pretraining (s2meta train --embeddings; layout in meta_training/supplied_embeddings.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: Path
 
 
 class Settings(BaseSettings):

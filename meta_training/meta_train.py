@@ -11,8 +11,6 @@ learner is scored on the meta-valid scenarios (Recall@20) and the best is kept: 
 selection never sees a meta-test scenario.
 """
 
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.func import vmap
 
+from meta_training.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from meta_training.config import MetaTrainConfig
 from meta_training.embeddings import Embeddings
 from meta_training.episodes import (
@@ -41,10 +39,6 @@ from model.learner_config import LearnerConfig
 from model.params import Params
 from model.recommender import RecommenderSpec
 from model.scenario import adapt_scenarios, score_scenario
-
-# A checkpoint is tensors in safetensors and the rest in JSON (no pickle): CHECKPOINT.json
-# names the sha256 of CHECKPOINT.safetensors and is written last.
-CHECKPOINT = "checkpoint"
 
 
 @dataclass
@@ -187,7 +181,7 @@ def meta_train(
     state = {"step": 0, "baseline": 0.0, "best_score": -1.0, "best_step": 0, "history": []}
     best = {name: value.detach().clone() for name, value in objective.meta().items()}
     checkpoint = checkpoint_dir / CHECKPOINT if checkpoint_dir is not None else None
-    saved = _load_checkpoint(checkpoint, device) if checkpoint is not None else None
+    saved = load_checkpoint(checkpoint, device) if checkpoint is not None else None
     if (
         saved is not None
         and saved["config"] == config.model_dump(mode="json")
@@ -240,7 +234,7 @@ def meta_train(
                 state["best_score"], state["best_step"] = score, state["step"]
                 best = {name: value.clone() for name, value in detached.items()}
             if checkpoint is not None and rank == 0:
-                _save_checkpoint(checkpoint, config, seed, objective.meta(), optimizer, best, state)
+                save_checkpoint(checkpoint, config, seed, objective.meta(), optimizer, best, state)
 
     best = {name: value.cpu() for name, value in best.items()}
     return TrainedLearner(
@@ -277,60 +271,3 @@ def valid_recall(
         return score_scenario(learner, theta, tables, scenario, users).cpu().numpy()
 
     return mean_recall_at_20(benchmark, tasks, score, seed)
-
-
-def _save_checkpoint(
-    path: Path,
-    config: MetaTrainConfig,
-    seed: int,
-    meta: Params,
-    optimizer: torch.optim.Optimizer,
-    best: Params,
-    state: dict[str, object],
-) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    optimizer_state = optimizer.state_dict()
-    tensors = {f"meta.{k}": v.detach().cpu().contiguous() for k, v in meta.items()}
-    tensors |= {f"best.{k}": v.detach().cpu().contiguous() for k, v in best.items()}
-    for index, values in optimizer_state["state"].items():
-        for name, value in values.items():
-            tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).cpu().contiguous()
-    blob = path.with_suffix(".safetensors")
-    staging = path.with_suffix(".safetensors.tmp")
-    save_file(tensors, str(staging))
-    staging.replace(blob)
-    record = {
-        "config": config.model_dump(mode="json"),
-        "seed": seed,
-        "state": state,
-        "param_groups": optimizer_state["param_groups"],
-        "tensors_sha256": hashlib.sha256(blob.read_bytes()).hexdigest(),
-    }
-    staging = path.with_suffix(".json.tmp")
-    staging.write_text(json.dumps(record))
-    staging.replace(path.with_suffix(".json"))
-
-
-def _load_checkpoint(path: Path, device: torch.device) -> dict[str, object] | None:
-    """The checkpoint at `path` if one is there whole (its tensors match the JSON's sha256),
-    else None: a run interrupted while writing one starts from the start."""
-    record_path, blob = path.with_suffix(".json"), path.with_suffix(".safetensors")
-    if not (record_path.is_file() and blob.is_file()):
-        return None
-    record = json.loads(record_path.read_text())
-    if hashlib.sha256(blob.read_bytes()).hexdigest() != record["tensors_sha256"]:
-        return None
-    tensors = load_file(str(blob), device=str(device))
-    optimizer_state: dict[int, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            optimizer_state.setdefault(int(index), {})[name] = value
-    return {
-        "config": record["config"],
-        "seed": record["seed"],
-        "state": record["state"],
-        "meta": {k[5:]: v for k, v in tensors.items() if k.startswith("meta.")},
-        "best": {k[5:]: v.cpu() for k, v in tensors.items() if k.startswith("best.")},
-        "optimizer": {"state": optimizer_state, "param_groups": record["param_groups"]},
-    }

@@ -15,10 +15,11 @@ import implicit
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from meta_training.config import EmbeddingConfig, ProtocolConfig
+from meta_training.config import EmbeddingConfig, ProtocolConfig, SuppliedEmbeddings
 from meta_training.dataset import InteractionData, fingerprint_files, load_dataset
 from meta_training.embeddings import Embeddings, pretrain_embeddings
 from meta_training.protocol import Benchmark, EpisodeTask, EvaluationTask, build_benchmark
+from meta_training.supplied_embeddings import read_supplied_embeddings, supplied_files
 
 # Bump when the cached layout or the protocol's behaviour changes.
 CACHE_FORMAT = 2
@@ -36,13 +37,14 @@ def prepare(
     data_path: Path,
     seed: int,
     protocol: ProtocolConfig,
-    embedding: EmbeddingConfig,
+    embedding: EmbeddingConfig | SuppliedEmbeddings,
     cache_root: Path,
     report: Callable[[str], None] = lambda stage: None,
 ) -> Prepared:
     """The benchmark and embeddings for `seed`, from the cache when inputs and settings match.
 
-    `report` is called with the name of each stage as it starts (for progress display).
+    The embeddings are pretrained by the ALS, or read from supplied files (keyed on their
+    bytes). `report` is called with the name of each stage as it starts (for progress display).
     """
     data_path = Path(data_path)
     report("read")
@@ -56,8 +58,12 @@ def prepare(
 
     report("protocol")
     benchmark = build_benchmark(data, protocol, seed)
-    report("pretrain")
-    embeddings = pretrain_embeddings(data, benchmark.visible, embedding, seed)
+    if isinstance(embedding, SuppliedEmbeddings):
+        report("read embeddings")
+        embeddings = read_supplied_embeddings(embedding.path, data)
+    else:
+        report("pretrain")
+        embeddings = pretrain_embeddings(data, benchmark.visible, embedding, seed)
     report("save cache")
     _save(directory, benchmark, embeddings, key)
     return Prepared(benchmark, embeddings, directory, from_cache=False)
@@ -66,23 +72,48 @@ def prepare(
 def prepare_for_artifact(metrics: dict[str, object], data_path: Path, cache_root: Path) -> Prepared:
     """The benchmark and embeddings an artifact was trained on, from its metrics.json (seed,
     protocol and embedding settings), from the cache when it holds them."""
+    record = metrics["embedding"]
+    embedding = (
+        SuppliedEmbeddings(path=record["supplied"])
+        if "supplied" in record
+        else EmbeddingConfig(**record)
+    )
     return prepare(
         data_path,
         int(metrics["seed"]),
         ProtocolConfig(**metrics["protocol"]),
-        EmbeddingConfig(**metrics["embedding"]),
+        embedding,
         cache_root,
     )
 
 
+def embedding_record(
+    embedding: EmbeddingConfig | SuppliedEmbeddings, embeddings: Embeddings
+) -> dict[str, object]:
+    """What metrics.json says about the embeddings: the ALS settings, or the supplied
+    vectors' directory and dimension (read back by `prepare_for_artifact`)."""
+    if isinstance(embedding, SuppliedEmbeddings):
+        return {"supplied": str(Path(embedding.path).resolve()), "dim": embeddings.user.shape[1]}
+    return embedding.model_dump()
+
+
 def _fingerprint(
-    data: InteractionData, seed: int, protocol: ProtocolConfig, embedding: EmbeddingConfig
+    data: InteractionData,
+    seed: int,
+    protocol: ProtocolConfig,
+    embedding: EmbeddingConfig | SuppliedEmbeddings,
 ) -> str:
+    if isinstance(embedding, SuppliedEmbeddings):
+        files = supplied_files(embedding.path)
+        embedding_key = {"supplied": fingerprint_files(sum(files.values(), ()))}
+    else:
+        embedding_key = embedding.model_dump(mode="json")
     settings = {
         "format": CACHE_FORMAT,
         "seed": seed,
+        # The protocol's kind is in its dump: serving and evaluation never share a cache.
         "protocol": protocol.model_dump(mode="json"),
-        "embedding": embedding.model_dump(mode="json"),
+        "embedding": embedding_key,
         "implicit": implicit.__version__,
     }
     digest = hashlib.sha256(fingerprint_files(data.source_files).encode())

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from meta_training.config import EmbeddingConfig, MetaTrainConfig
+from meta_training.config import EmbeddingConfig, MetaTrainConfig, SuppliedEmbeddings
 from meta_training.errors import SettingsError
 from meta_training.meta_train import TrainedLearner, meta_train, tables_of
-from meta_training.prepare import Prepared
+from meta_training.prepare import Prepared, embedding_record
 from model.artifact import Artifact, MetaLearner, save_artifact
 from model.recommender import VARIANTS
 
@@ -46,7 +46,7 @@ def process_group(device: torch.device) -> Iterator[tuple[int, int]]:
 
 def train_artifact(
     prepared: Prepared,
-    embedding: EmbeddingConfig,
+    embedding: EmbeddingConfig | SuppliedEmbeddings,
     training: MetaTrainConfig,
     variant: str,
     out: Path,
@@ -70,6 +70,7 @@ def train_artifact(
             device=device,
         )
     chosen = max(results, key=lambda name: results[name].best_valid_recall)
+    summary = benchmark.summary()
     best = results[chosen]
     metrics = {
         "dataset": benchmark.data.name,
@@ -79,10 +80,16 @@ def train_artifact(
         "best_step": best.best_step,
         "history": best.history,
         "training": best.config.model_dump(),
-        # Enough to rebuild the same benchmark (s2meta trace, evaluation of the artifact).
-        "protocol": benchmark.config.model_dump(),
-        "embedding": embedding.model_dump(),
-        "benchmark": benchmark.summary(),
+        # Enough to rebuild the same benchmark (s2meta trace, evaluation of the artifact);
+        # protocol.kind says "serving" (trained on all but the validation slice) or
+        # "evaluation" (meta-test held out too).
+        "protocol": benchmark.config.model_dump(mode="json"),
+        "validation": {
+            "scenarios": [task.scenario_id for task in benchmark.valid],
+            "eval_users": summary["valid_eval_users"],
+        },
+        "embedding": embedding_record(embedding, prepared.embeddings),
+        "benchmark": summary,
     }
     if dist.is_initialized() and dist.get_rank() != 0:
         return metrics

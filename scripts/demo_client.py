@@ -42,6 +42,11 @@ def main() -> None:
     print("demo: loading the benchmark the meta learner was trained on (cached) ...", flush=True)
     benchmark = prepare_for_artifact(metrics, args.data, Settings().cache_dir).benchmark
     data = benchmark.data
+    if not benchmark.test:
+        sys.exit(
+            f"demo: {args.artifact} was trained under the {metrics['protocol']['kind']} "
+            "protocol, which holds no meta-test scenario out; train with --protocol evaluation"
+        )
     task = benchmark.test[0]  # a meta-test scenario: never seen by pretraining or training
     interactions = [
         {"user": data.user_ids[data.users[r]], "item": data.item_ids[data.items[r]]}

@@ -15,7 +15,10 @@ rm -rf "$run" && mkdir -p "$run"
 echo "== 1/5 prepare: scenario benchmark and pretrained embeddings"
 .venv/bin/s2meta prepare --data "$data"
 echo "== 2/5 meta-train ($steps steps per variant; the best on meta-valid is the default)"
-.venv/bin/s2meta train --data "$data" --out "$run/artifact" --meta-steps "$steps"
+# --protocol evaluation: the demo marks a meta-test user's held-out items, which only the
+# evaluation protocol holds out (the serving default trains on them; docs/protocol.md).
+.venv/bin/s2meta train --data "$data" --out "$run/artifact" --meta-steps "$steps" \
+  --protocol evaluation
 echo "== 3/5 publish"
 version=$(.venv/bin/s2meta publish "$run/artifact" --registry "$run/registry")
 echo "published $version"

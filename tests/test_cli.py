@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import DATA
 
-from meta_training.cli import _parser, _training, main
+from meta_training.cli import _parser, main
+from meta_training.cli_options import training_config as _training
 from meta_training.config import MetaTrainConfig
 
 LASTFM = DATA / "LastFM"
@@ -251,19 +252,20 @@ def test_evaluate_bad_seeds(lastfm_tabular, tmp_path, capsys, seeds):
     assert not cache.exists()
 
 
-def test_evaluate_tabular_unknown_item(lastfm_tabular, tmp_path, capsys):
+def test_evaluate_tabular_bad_timestamp(lastfm_tabular, tmp_path, capsys):
+    # (An item named only in item_scenarios.csv is a cold item now, not an error.)
     data = tmp_path / "broken-tab"
     shutil.copytree(lastfm_tabular, data)
-    scenarios = data / "item_scenarios.csv"
-    with scenarios.open("a", encoding="utf-8") as handle:
-        handle.write("no-such-item,1\n")
-    bad_line = len(scenarios.read_text(encoding="utf-8").splitlines())
+    interactions = data / "interactions.csv"
+    with interactions.open("a", encoding="utf-8") as handle:
+        handle.write("some-user,some-item,yesterday\n")
+    bad_line = len(interactions.read_text(encoding="utf-8").splitlines())
     out = tmp_path / "out"
     line = assert_rejected(
         evaluate_argv(data, out, tmp_path / "cache", "--seeds", "1"), out, capsys
     )
-    assert f"{scenarios}:{bad_line}:" in line
-    assert "no-such-item" in line
+    assert f"{interactions}:{bad_line}:" in line
+    assert "yesterday" in line
 
 
 def test_export_tabular_bad_input_writes_nothing(tmp_path, capsys):

@@ -230,7 +230,8 @@ def test_unavailable_device_is_a_clear_error(tmp_path, capsys):
 def test_trace_draws_the_adaptation_of_a_scenario(prepared, tmp_path, capsys):
     artifact = tmp_path / "artifact"
     cache = tmp_path / "cache"
-    assert train_cli(artifact, cache, "hybrid") == 0
+    # Meta-test scenarios exist under the evaluation protocol only.
+    assert train_cli(artifact, cache, "hybrid", "--protocol", "evaluation") == 0
 
     def trace(scenario: str, out: Path) -> int:
         return main(

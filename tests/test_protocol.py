@@ -8,12 +8,8 @@ from conftest import DATA
 from meta_training.config import ProtocolConfig, ScenarioSelection
 from meta_training.dataset import InteractionData, load_dataset
 from meta_training.errors import SettingsError
-from meta_training.protocol import (
-    Benchmark,
-    _evaluation_task,
-    build_benchmark,
-    select_scenarios,
-)
+from meta_training.protocol import Benchmark, build_benchmark, select_scenarios
+from meta_training.tasks import _evaluation_task
 
 
 @pytest.fixture(scope="module")
