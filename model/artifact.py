@@ -5,6 +5,9 @@ A directory:
   controllers) of each recommender variant that was meta-trained;
 - `embeddings.safetensors`: the fixed user and item embeddings;
 - `ids.json`: user and item ids in table order;
+- `ids.safetensors`: the same ids as fixed-width bytes with their sorted order, which the
+  service maps instead of parsing ids.json (model/ids.py); absent from artifacts written
+  before it, whose ids are read from ids.json;
 - `config.json`: format version, the default variant (chosen on meta-valid) and each
   variant's learner configuration;
 - `metrics.json`: what training measured (meta-valid Recall@20, ...);
@@ -22,13 +25,16 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.numpy
 from pydantic import TypeAdapter, ValidationError
 from safetensors.torch import load_file, save_file
 
 from model.errors import ArtifactError
+from model.ids import IdTable, map_safetensors, mapped_tensor
 from model.inner_loss import Tables
 from model.learner_config import LearnerConfig
 from model.params import Params
@@ -36,6 +42,9 @@ from model.params import Params
 FORMAT_VERSION = 2
 # Present in every artifact; the meta learners' files are named by config.json.
 COMMON_FILES = ("embeddings.safetensors", "ids.json", "config.json", "metrics.json")
+# Written by save_artifact since the service maps its ids; optional, so the format and
+# older artifacts stay readable both ways (older code hashes it and reads ids.json).
+IDS_INDEX = "ids.safetensors"
 MANIFEST = "manifest.json"
 CURRENT = "current"
 VERSIONS = "versions"
@@ -63,8 +72,8 @@ class Artifact:
     learners: dict[str, MetaLearner]  # by recommender variant
     default_variant: str
     tables: Tables
-    user_ids: list[str]
-    item_ids: list[str]
+    user_ids: Sequence[str]  # a list, or an IdTable when loaded
+    item_ids: Sequence[str]
     metrics: dict[str, object]
 
     def __post_init__(self) -> None:
@@ -104,7 +113,17 @@ def save_artifact(artifact: Artifact, directory: Path) -> None:
         {"user": artifact.tables.user.contiguous(), "item": artifact.tables.item.contiguous()},
         str(directory / "embeddings.safetensors"),
     )
-    _write_json(directory / "ids.json", {"users": artifact.user_ids, "items": artifact.item_ids})
+    users = IdTable.build(artifact.user_ids, "user ids")
+    items = IdTable.build(artifact.item_ids, "item ids")
+    _write_json(directory / "ids.json", {"users": list(users), "items": list(items)})
+    safetensors.numpy.save_file(
+        {
+            f"{kind}_{name}": array
+            for kind, table in (("user", users), ("item", items))
+            for name, array in table.to_bytes().items()
+        },
+        str(directory / IDS_INDEX),
+    )
     _write_json(
         directory / "config.json",
         {
@@ -117,7 +136,7 @@ def save_artifact(artifact: Artifact, directory: Path) -> None:
         },
     )
     _write_json(directory / "metrics.json", artifact.metrics)
-    names = (*COMMON_FILES, *(_meta_file(variant) for variant in artifact.learners))
+    names = (*COMMON_FILES, IDS_INDEX, *(_meta_file(variant) for variant in artifact.learners))
     manifest = {name: _file_entry(directory / name) for name in names}
     _write_json(directory / MANIFEST, {"format_version": FORMAT_VERSION, "files": manifest})
 
@@ -161,6 +180,8 @@ def verify_artifact(directory: Path) -> None:
 
 
 def load_artifact(directory: Path) -> Artifact:
+    """The artifact with its embedding tables and ids memory-mapped (read-only views of the
+    files, shared with every process that maps them), its meta learners read in."""
     directory = Path(directory)
     verify_artifact(directory)
     config = json.loads((directory / "config.json").read_text())
@@ -178,14 +199,14 @@ def load_artifact(directory: Path) -> Artifact:
         learners[variant] = MetaLearner(
             meta=load_file(str(directory / _meta_file(variant))), config=learner_config
         )
-    embeddings = load_file(str(directory / "embeddings.safetensors"))
-    ids = json.loads((directory / "ids.json").read_text())
+    embeddings = map_safetensors(directory / "embeddings.safetensors")
+    user_ids, item_ids = _load_ids(directory)
     return Artifact(
         learners=learners,
         default_variant=config["default_variant"],
-        tables=Tables(embeddings["user"], embeddings["item"]),
-        user_ids=ids["users"],
-        item_ids=ids["items"],
+        tables=Tables(mapped_tensor(embeddings["user"]), mapped_tensor(embeddings["item"])),
+        user_ids=user_ids,
+        item_ids=item_ids,
         metrics=json.loads((directory / "metrics.json").read_text()),
     )
 
@@ -239,6 +260,23 @@ def load_current(registry: Path) -> tuple[str, Artifact]:
     return version, load_artifact(registry / VERSIONS / version)
 
 
+def _load_ids(directory: Path) -> tuple[IdTable, IdTable]:
+    """Mapped from ids.safetensors; from ids.json (in memory) where an older artifact has
+    no index."""
+    if IDS_INDEX not in _manifest_files(directory):
+        ids = json.loads((directory / "ids.json").read_text())
+        return IdTable.build(ids["users"], "user ids"), IdTable.build(ids["items"], "item ids")
+    index = map_safetensors(directory / IDS_INDEX)
+    try:
+        users, items = (
+            IdTable.from_bytes(index[f"{kind}_ids"], index[f"{kind}_order"])
+            for kind in ("user", "item")
+        )
+    except KeyError as error:
+        raise ArtifactError(f"{directory / IDS_INDEX}: no {error} table") from error
+    return users, items
+
+
 def _manifest_files(directory: Path) -> list[str]:
     return list(json.loads((directory / MANIFEST).read_text())["files"])
 
@@ -249,7 +287,9 @@ def _next_number(versions: Path) -> int:
 
 
 def _file_entry(path: Path) -> dict[str, object]:
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    # Read in chunks: the tables' gigabytes pass through the page cache, not the heap.
+    with path.open("rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
     return {"sha256": digest, "bytes": path.stat().st_size}
 
 
