@@ -10,9 +10,11 @@ from dataclasses import dataclass
 import numpy as np
 from safetensors.torch import save
 
+from model.fold_in import local_tables
 from model.learner import AdaptResult
 from model.scenario import ScenarioInput, adapt_scenarios
 from service.errors import AdaptationInputError
+from service.folding import Folded, fold_registration
 from service.learners import LoadedVersion
 from service.store import ScenarioState
 
@@ -45,56 +47,53 @@ def registration(
 
 @dataclass(frozen=True)
 class ResolvedScenario:
-    """A registration in one published version's table rows."""
+    """A registration in one published version's table rows: a folded user or item is row
+    len(table) + k, its k-th folded vector."""
 
     scenario: ScenarioInput
-    pool_ids: list[str]  # by table row, as in scenario.pool
+    pool_ids: list[str]  # by row, as in scenario.pool: the known items, then the folded
+    folded: Folded
     unknown_users: list[str]
-    unknown_items: list[str]
     used: list[tuple[str, str]]
 
 
 def resolve(
     loaded: LoadedVersion, scenario_id: str, registration: Registration, min_interactions: int
 ) -> ResolvedScenario:
-    """Drop ids the version does not know (a user without an embedding, an item not in its
-    tables) and check that enough is left to learn from."""
-    item_rows = loaded.item_rows
-    known_pool = [item for item in registration.candidates if item in item_rows]
-    unknown_items = [item for item in registration.candidates if item not in item_rows]
-    if len(known_pool) < 2:
+    """Fold in the ids the version does not know (service.folding), drop the users that
+    cannot be, and check that enough is left to learn from."""
+    if len(registration.candidates) < 2:
         raise AdaptationInputError(
-            f"{len(known_pool)} known candidate(s) after dropping {len(unknown_items)} unknown: "
-            "a pool needs at least 2 items"
+            f"{len(registration.candidates)} candidate(s): a pool needs at least 2 items"
         )
-    unknown_users = sorted(
-        {user for user, _ in registration.interactions if not loaded.has_embedding(user)}
+    folded = fold_registration(loaded, registration.interactions, registration.candidates)
+    num_users, num_items = len(loaded.artifact.user_ids), len(loaded.artifact.item_ids)
+    user_rows = {
+        user: loaded.user_rows[user]
+        for user, _ in registration.interactions
+        if loaded.has_embedding(user)
+    }
+    user_rows |= {user: num_users + k for k, user in enumerate(folded.users)}
+    folded_items = set(folded.items)
+    known_pool = sorted(
+        loaded.item_rows[item] for item in registration.candidates if item not in folded_items
     )
-    used = [
-        (user, item)
-        for user, item in registration.interactions
-        if loaded.has_embedding(user) and item in item_rows
-    ]
+    item_rows = {loaded.artifact.item_ids[row]: row for row in known_pool}
+    item_rows |= {item: num_items + k for k, item in enumerate(folded.items)}
+    used = [(user, item) for user, item in registration.interactions if user in user_rows]
     if len(used) < min_interactions:
         raise AdaptationInputError(
-            f"{len(used)} usable interaction(s) after dropping unknown users and items, "
-            f"at least {min_interactions} needed"
+            f"{len(used)} usable interaction(s) after dropping users that cannot be folded "
+            f"in, at least {min_interactions} needed"
         )
-    pool_rows = np.array(sorted(item_rows[item] for item in known_pool), dtype=np.int64)
+    pool_ids = [loaded.artifact.item_ids[row] for row in known_pool] + folded.items
     scenario = ScenarioInput(
         scenario_id=scenario_id,
-        users=np.array([loaded.user_rows[user] for user, _ in used], dtype=np.int64),
+        users=np.array([user_rows[user] for user, _ in used], dtype=np.int64),
         items=np.array([item_rows[item] for _, item in used], dtype=np.int64),
-        pool=pool_rows,
+        pool=np.array([item_rows[item] for item in pool_ids], dtype=np.int64),
     )
-    item_ids = loaded.artifact.item_ids
-    return ResolvedScenario(
-        scenario=scenario,
-        pool_ids=[item_ids[row] for row in pool_rows],
-        unknown_users=unknown_users,
-        unknown_items=unknown_items,
-        used=used,
-    )
+    return ResolvedScenario(scenario, pool_ids, folded, folded.unfoldable_users, used)
 
 
 def adapt_registration(
@@ -136,13 +135,16 @@ def adapt_registrations(
     for (variant, seed), batch in batches.items():
         start = time.perf_counter()
         learner = loaded.learner(variant)
-        result = adapt_scenarios(
-            learner.meta,
-            learner.config,
-            loaded.tables,
-            [resolved.scenario for _, resolved in batch],
-            seed,
-        )
+        tables, scenarios = loaded.tables, [resolved.scenario for _, resolved in batch]
+        if any(resolved.folded.users or resolved.folded.items for _, resolved in batch):
+            # Folded rows: the batch's rows gathered with them appended (model/fold_in.py).
+            tables, scenarios = local_tables(
+                tables,
+                scenarios,
+                [resolved.folded.user_vectors for _, resolved in batch],
+                [resolved.folded.item_vectors for _, resolved in batch],
+            )
+        result = adapt_scenarios(learner.meta, learner.config, tables, scenarios, seed)
         duration_ms = (time.perf_counter() - start) * 1000.0
         for k, (position, resolved) in enumerate(batch):
             registration = registrations[position][1]
@@ -174,10 +176,9 @@ def _record(
         "train_loss": [float(x) for x in result.train_loss[k].cpu()],
         "stop_probability": [float(x) for x in result.stop_probability[k].cpu()],
         "used_interactions": len(resolved.used),
-        "ignored": {
-            "unknown_users": resolved.unknown_users,
-            "unknown_items": resolved.unknown_items,
-        },
+        # Every candidate is in the pool: only users can be left out.
+        "ignored": {"unknown_users": resolved.unknown_users, "unknown_items": []},
+        "folded_in": {"users": resolved.folded.users, "items": resolved.folded.items},
         "num_candidates": len(resolved.pool_ids),
         "counts": {
             "registered_interactions": len(registration.interactions),
@@ -188,7 +189,9 @@ def _record(
     }
     return ScenarioState(
         meta=meta,
-        params=save({"theta": result.theta[k].detach().cpu().contiguous()}),
+        params=save(
+            {"theta": result.theta[k].detach().cpu().contiguous(), **resolved.folded.tensors()}
+        ),
         candidates=registration.candidates,
         interactions=registration.interactions,
         popularity=sorted(popularity.items(), key=lambda pair: (-pair[1], pair[0])),

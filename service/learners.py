@@ -1,13 +1,16 @@
 """The published meta learners this process holds: the registry's `current` one, and older
 versions while a stored scenario still serves from one (its embeddings and id maps)."""
 
+import functools
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from model import kernels
 from model.artifact import (
@@ -19,6 +22,8 @@ from model.artifact import (
     load_artifact,
 )
 from model.errors import ArtifactError
+from model.fold_in import FoldInSettings, fold_in_settings, gram
+from model.ids import IdTable
 from model.learner import Tables
 
 logger = logging.getLogger(__name__)
@@ -26,13 +31,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoadedVersion:
-    """One published artifact on the serving device, with its id maps."""
+    """One published artifact on the serving device, with its id maps: views of the
+    artifact's mapped id tables (model/ids.py), not dicts, so that a worker of an artifact
+    of 10M users does not hold 10M strings of its own."""
 
     version: str
     artifact: Artifact
-    user_rows: dict[str, int]
-    item_rows: dict[str, int]
+    user_rows: Mapping[str, int]
+    item_rows: Mapping[str, int]
     user_has_embedding: np.ndarray  # [U] bool: a nonzero pretrained vector
+    item_has_embedding: np.ndarray  # [I] bool
 
     @property
     def tables(self) -> Tables:
@@ -45,6 +53,28 @@ class LoadedVersion:
         row = self.user_rows.get(user)
         return row is not None and bool(self.user_has_embedding[row])
 
+    # Fold-in's inputs, computed once per loaded version on first use (model/fold_in.py).
+    @functools.cached_property
+    def fold_settings(self) -> FoldInSettings:
+        settings = fold_in_settings(self.artifact.metrics)
+        if settings.defaulted:
+            logger.warning(
+                "meta learner %s does not record its ALS settings: fold-in takes "
+                "regularization %s and alpha %s",
+                self.version,
+                settings.regularization,
+                settings.alpha,
+            )
+        return settings
+
+    @functools.cached_property
+    def user_gram(self) -> Tensor:
+        return gram(self.tables.user)  # YᵀY [D, D], to fold in items
+
+    @functools.cached_property
+    def item_gram(self) -> Tensor:
+        return gram(self.tables.item)  # to fold in users
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -56,8 +86,10 @@ def resolve_device(name: str) -> torch.device:
 
 def load_version(registry: Path, version: str, device: torch.device) -> LoadedVersion:
     """Load and verify (sha256 of every file) one published version; ArtifactError if it is
-    missing, partial or corrupt."""
+    missing, partial or corrupt. On the CPU the tables stay mapped from the registry's file
+    (`.to` is then no copy); on CUDA they are copied to the device."""
     artifact = load_artifact(registry / VERSIONS / checked_version(version))
+    user_ids, item_ids = IdTable.build(artifact.user_ids), IdTable.build(artifact.item_ids)
     on_device = Artifact(
         learners={
             variant: MetaLearner({k: v.to(device) for k, v in learner.meta.items()}, learner.config)
@@ -65,8 +97,8 @@ def load_version(registry: Path, version: str, device: torch.device) -> LoadedVe
         },
         default_variant=artifact.default_variant,
         tables=Tables(artifact.tables.user.to(device), artifact.tables.item.to(device)),
-        user_ids=artifact.user_ids,
-        item_ids=artifact.item_ids,
+        user_ids=user_ids,
+        item_ids=item_ids,
         metrics=artifact.metrics,
     )
     if device.type == "cpu":
@@ -74,10 +106,22 @@ def load_version(registry: Path, version: str, device: torch.device) -> LoadedVe
     return LoadedVersion(
         version=version,
         artifact=on_device,
-        user_rows={user: row for row, user in enumerate(artifact.user_ids)},
-        item_rows={item: row for row, item in enumerate(artifact.item_ids)},
-        user_has_embedding=(artifact.tables.user != 0).any(dim=1).numpy(),
+        user_rows=user_ids.rows,
+        item_rows=item_ids.rows,
+        user_has_embedding=nonzero_rows(artifact.tables.user),
+        item_has_embedding=nonzero_rows(artifact.tables.item),
     )
+
+
+def nonzero_rows(table: torch.Tensor, chunk: int = 1 << 16) -> np.ndarray:
+    """[N] bool: rows with a nonzero entry, a chunk at a time with numpy, so that a table of
+    millions of rows needs no [N, D] temporary (torch's reduction left tens of MB of heap
+    behind per million rows, in every worker)."""
+    rows = table.numpy()
+    found = np.empty(len(rows), dtype=bool)
+    for start in range(0, len(rows), chunk):
+        found[start : start + chunk] = rows[start : start + chunk].any(axis=1)
+    return found
 
 
 class MetaLearners:

@@ -7,7 +7,7 @@ queries with the user-tower vector.
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from model.learner import layout_of
 from model.params import Params
 from model.ranking import PoolQuery, RankedPool
 from model.recommender import RecommenderSpec, item_vector, pool_first_layer, user_vector
+from service.folding import ITEMS_KEY, USERS_KEY
 from service.learners import LoadedVersion
 from service.retrieval import Index, Retriever
 from service.store import StoredScenario
@@ -91,14 +92,24 @@ class AdaptedRecommender:
         self.loaded = loaded
         config = loaded.learner(str(meta["variant"])).config
         self.spec: RecommenderSpec = config.recommender
-        theta = load(stored.state.params)["theta"].to(loaded.tables.user.device)
-        self.params: Params = layout_of(config).unflatten(theta)
+        tensors = load(stored.state.params)
+        device = loaded.tables.item.device
+        self.params: Params = layout_of(config).unflatten(tensors["theta"].to(device))
 
+        # The known candidates by row, then the folded ones (service.folding): the order
+        # adaptation used. A record from before fold-in has none folded.
+        folded = cast(dict[str, list[str]], meta.get("folded_in") or {"users": [], "items": []})
+        folded_items = folded["items"]
+        skip = set(folded_items)
         item_rows = loaded.item_rows
-        rows = sorted(item_rows[i] for i in stored.state.candidates if i in item_rows)
-        self.pool_ids = [loaded.artifact.item_ids[row] for row in rows]
+        rows = sorted(
+            item_rows[i] for i in stored.state.candidates if i in item_rows and i not in skip
+        )
+        self.pool_ids = [loaded.artifact.item_ids[row] for row in rows] + folded_items
+        user_vectors = tensors.get(USERS_KEY, torch.zeros(0)).to(device)  # [F, D]
+        self.folded_users = dict(zip(folded["users"], user_vectors, strict=True))
         position = {item: k for k, item in enumerate(self.pool_ids)}
-        counts = np.zeros(len(rows), dtype=np.float32)
+        counts = np.zeros(len(self.pool_ids), dtype=np.float32)
         for item, count in stored.state.popularity:
             if item in position:
                 counts[position[item]] = count
@@ -111,14 +122,18 @@ class AdaptedRecommender:
                 self.seen.setdefault(user, []).append(position[item])
 
         # Held per scenario: the pool's rows in the shared embedding table rather than a copy
-        # (docs/performance.md); the mapping variant's index of item-tower vectors, or the
-        # other variants' pool half of the MLP's first layer.
-        device = loaded.tables.item.device
+        # (docs/performance.md), or with folded items a pool matrix of their own, so the
+        # ranking kernel sees an ordinary table; the mapping variant's index of item-tower
+        # vectors, or the other variants' pool half of the MLP's first layer.
+        item_table = loaded.tables.item
         pool_rows = torch.as_tensor(rows, dtype=torch.long, device=device)
+        if folded_items:
+            item_table = torch.cat([item_table[pool_rows], tensors[ITEMS_KEY].to(device)])
+            pool_rows = torch.arange(len(self.pool_ids), device=device)
         self.index: Index | None = None
         self.pool: RankedPool | None = None
         with torch.no_grad():
-            pool = loaded.tables.item[pool_rows]
+            pool = item_table[pool_rows]
             if self.spec.variant == "mapping":
                 vectors = item_vector(self.spec, self.params, pool).float().cpu().numpy()
                 self.index = retriever.build(vectors)
@@ -128,7 +143,7 @@ class AdaptedRecommender:
                     self.spec,
                     self.params,
                     pool_first_layer(self.params, pool),
-                    loaded.tables.item,
+                    item_table,
                     pool_rows,
                     torch.log1p(torch.as_tensor(counts, device=device)),
                 )
@@ -140,7 +155,7 @@ class AdaptedRecommender:
         ranked = {
             k: self._popular(request)
             for k, request in enumerate(requests)
-            if not has_embedding(request.user)
+            if not has_embedding(request.user) and request.user not in self.folded_users
         }
         embedded = [k for k in range(len(requests)) if k not in ranked]
         if not embedded:
@@ -150,11 +165,24 @@ class AdaptedRecommender:
             max(requests[k].n + len(skip) for k, skip in zip(embedded, excluded, strict=True)),
             len(self.pool_ids),
         )
-        rows = [self.loaded.user_rows[requests[k].user] for k in embedded]
-        table = self.loaded.tables.user
-        users = table.index_select(0, torch.as_tensor(rows, device=table.device))
+        users = self._user_vectors([requests[k].user for k in embedded])
         query = None if self.pool is None else PoolQuery(self.pool, users, wanted)
         return RankPlan(self, requests, ranked, embedded, excluded, users, wanted, query)
+
+    def _user_vectors(self, users: list[str]) -> Tensor:
+        """[U, D]: from the table, or the scenario's folded vector (a user the table lacks)."""
+        table = self.loaded.tables.user
+        if not any(user in self.folded_users for user in users):
+            rows = [self.loaded.user_rows[user] for user in users]
+            return table.index_select(0, torch.as_tensor(rows, device=table.device))
+        return torch.stack(
+            [
+                self.folded_users[user]
+                if user in self.folded_users
+                else table[self.loaded.user_rows[user]]
+                for user in users
+            ]
+        )
 
     def search(self, users: Tensor, wanted: int) -> tuple[Any, Any]:
         """The mapping variant's top `wanted` (scores, positions) for users [U, D]: a FAISS

@@ -41,8 +41,23 @@ class AdaptRequest(BaseModel):
 
 
 class Ignored(BaseModel):
-    unknown_users: list[str]
-    unknown_items: list[str]
+    unknown_users: list[str] = Field(
+        description="users the meta learner lacks whose items give nothing to fold in from"
+    )
+    unknown_items: list[str] = Field(
+        description="always empty now: an unknown candidate is folded in (kept for clients)"
+    )
+
+
+class FoldedIn(BaseModel):
+    """Ids the meta learner lacks (or holds a zero vector for), given vectors from the
+    scenario's interactions (docs/http-api.md#fold-in)."""
+
+    users: list[str] = Field(default_factory=list, description="users, by their items")
+    items: list[str] = Field(
+        default_factory=list,
+        description="candidates, by their users; one no known user touched gets the zero vector",
+    )
 
 
 class Counts(BaseModel):
@@ -75,6 +90,7 @@ class LearningTrace(BaseModel):
 class ScenarioDetail(ScenarioSummary, LearningTrace):
     seed: int
     ignored: Ignored
+    folded_in: FoldedIn = Field(default_factory=FoldedIn)
     duration_ms: float
 
 
@@ -85,6 +101,7 @@ class AdaptResponse(LearningTrace):
     variant: Variant
     used_interactions: int
     ignored: Ignored
+    folded_in: FoldedIn = Field(default_factory=FoldedIn)
     num_candidates: int
     duration_ms: float
 
@@ -111,7 +128,8 @@ class RecommendResponse(BaseModel):
     revision: int
     meta_learner: str
     source: Literal["adapted", "popular"] = Field(
-        description="popular: the user has no embedding, so the scenario's popular items"
+        description="popular: the user has no embedding and none was folded in from the "
+        "scenario's interactions, so the scenario's popular items"
     )
     items: list[ScoredItem]
 

@@ -4,9 +4,10 @@ work, user and item ids are opaque strings, and out-of-range numbers are a 422."
 
 import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
-from conftest import REDIS_URL, running
+from conftest import running, settings_for
 from starlette.types import Message, Receive, Scope, Send
 from synthetic import ScenarioIds
 
@@ -18,15 +19,9 @@ pytestmark = pytest.mark.anyio
 LIMIT = 64 * 1024  # the body limit of these tests' apps: a real scenario's body fits
 
 
-def settings_for(registry, backend: str = "memory", namespace: str = "s") -> Settings:
-    redis_url = REDIS_URL if backend == "redis" else None
-    return Settings(
-        registry=registry,
-        redis_url=redis_url,
-        namespace=namespace,
-        max_body_bytes=LIMIT,
-        reload_poll_s=60,
-    )
+def limited(registry: Path, backend: str = "memory", namespace: str = "s") -> Settings:
+    """Settings with the small body limit these tests probe, and no registry polling."""
+    return settings_for(registry, backend, namespace, max_body_bytes=LIMIT, reload_poll_s=60)
 
 
 def big_body(size: int) -> bytes:
@@ -62,7 +57,7 @@ async def nothing_stored(client) -> None:
 
 
 async def test_oversized_content_length_is_413_and_stores_nothing(registry, adapt_url):
-    async with running(settings_for(registry)) as (_, client):
+    async with running(limited(registry)) as (_, client):
         response = await client.post(
             adapt_url, content=big_body(LIMIT + 1), headers={"Content-Type": "application/json"}
         )
@@ -80,7 +75,7 @@ async def test_declared_length_alone_is_refused_before_the_body_is_read(
     registry, adapt_url, declared
 ):
     body = Chunks(10 * LIMIT)
-    async with running(settings_for(registry)) as (_, client):
+    async with running(limited(registry)) as (_, client):
         response = await client.post(adapt_url, content=body, headers={"Content-Length": declared})
         assert response.status_code == 413 and "larger than" in response.json()["detail"]
         assert body.pulled == 0
@@ -92,7 +87,7 @@ async def test_declared_length_alone_is_refused_before_the_body_is_read(
 
 async def test_oversized_chunked_body_is_413_as_soon_as_it_passes_the_limit(registry, adapt_url):
     body = Chunks(1000 * LIMIT)  # 4 MB, never pulled whole
-    async with running(settings_for(registry)) as (_, client):
+    async with running(limited(registry)) as (_, client):
         response = await client.post(
             adapt_url, content=body, headers={"Content-Type": "application/json"}
         )
@@ -146,14 +141,14 @@ async def test_a_body_without_length_headers_is_counted_unless_http1_says_there_
 
 @pytest.mark.parametrize("value", ["abc", "-1", "+5", "1.5", "5, 5", "0x10", ""])
 async def test_malformed_content_length_is_400(registry, adapt_url, value):
-    async with running(settings_for(registry)) as (_, client):
+    async with running(limited(registry)) as (_, client):
         response = await client.post(adapt_url, content=b"{}", headers={"Content-Length": value})
         assert response.status_code == 400, response.text
         assert "Content-Length" in response.json()["detail"]
 
 
 async def test_conflicting_content_lengths_are_400(registry, adapt_url):
-    async with running(settings_for(registry)) as (_, client):
+    async with running(limited(registry)) as (_, client):
         headers = [("Content-Length", "2"), ("Content-Length", "3")]
         response = await client.post(adapt_url, content=b"{}", headers=headers)
         assert response.status_code == 400 and "conflicting" in response.json()["detail"]
@@ -184,7 +179,7 @@ BAD_PATH_IDS = {
 
 @pytest.mark.parametrize("segment,status", BAD_PATH_IDS.values(), ids=BAD_PATH_IDS.keys())
 async def test_bad_scenario_ids_in_the_path(registry, scenario, segment, status):
-    async with running(settings_for(registry)) as (_, client):
+    async with running(limited(registry)) as (_, client):
         response = await client.post(f"/scenarios/{segment}/adapt", json=scenario.body())
         assert response.status_code == status, response.text
         for method in ("GET", "DELETE"):
@@ -213,7 +208,7 @@ BAD_QUERY_IDS = {
 
 @pytest.mark.parametrize("scenario_id", BAD_QUERY_IDS.values(), ids=BAD_QUERY_IDS.keys())
 async def test_bad_scenario_ids_in_the_query(registry, scenario_id):
-    async with running(settings_for(registry)) as (_, client):
+    async with running(limited(registry)) as (_, client):
         response = await client.get("/recommend", params={"user": "u", "scenario": scenario_id})
         assert response.status_code == 422, response.text
         response = await client.get("/scenarios", params={"after": scenario_id})
@@ -223,7 +218,7 @@ async def test_bad_scenario_ids_in_the_query(registry, scenario_id):
 async def test_valid_ids_with_colons_and_dots_work(registry, scenario, namespace, backend):
     # Ids that look like the store's own key layout, or are only separators, are just ids.
     ids = ["tenant:42:lastfm.v2", "scenario:x", "revision:1", ":", "...", "a-b.c:d"]
-    async with running(settings_for(registry, backend, namespace)) as (_, client):
+    async with running(limited(registry, backend, namespace)) as (_, client):
         for scenario_id in ids:
             response = await client.post(f"/scenarios/{scenario_id}/adapt", json=scenario.body())
             assert response.status_code == 200, (scenario_id, response.text)
@@ -263,7 +258,7 @@ ODD_IDS = [
 ]
 
 
-async def test_odd_user_and_item_ids_are_data_and_reported_as_unknown(registry, scenario):
+async def test_odd_user_and_item_ids_are_data_and_folded_in(registry, scenario):
     body = scenario.body()
     known_item = scenario.candidates[0]
     known_user = scenario.interactions[0]["user"]
@@ -273,20 +268,24 @@ async def test_odd_user_and_item_ids_are_data_and_reported_as_unknown(registry, 
         *({"user": known_user, "item": odd} for odd in ODD_IDS),
     ]
     body["candidates"] = [*scenario.candidates, *ODD_IDS]
-    async with running(settings_for(registry)) as (_, client):
+    async with running(limited(registry)) as (_, client):
         response = await client.post(f"/scenarios/{scenario.scenario_id}/adapt", json=body)
         assert response.status_code == 200, response.text
-        ignored = response.json()["ignored"]
-        assert sorted(ignored["unknown_users"]) == sorted(ODD_IDS)
-        assert sorted(ignored["unknown_items"]) == sorted(ODD_IDS)
-        assert response.json()["used_interactions"] == len(scenario.interactions)
+        # Unknown ids with interactions are folded in, not ignored.
+        folded = response.json()["folded_in"]
+        assert sorted(folded["users"]) == sorted(ODD_IDS)
+        assert sorted(folded["items"]) == sorted(ODD_IDS)
+        assert response.json()["used_interactions"] == len(body["interactions"])
+        pool = set(body["candidates"])
         for odd in ODD_IDS:
             served = await client.get(
-                "/recommend", params={"user": odd, "scenario": scenario.scenario_id}
+                "/recommend", params={"user": odd, "scenario": scenario.scenario_id, "n": 1000}
             )
             assert served.status_code == 200, (odd, served.text)
-            assert served.json()["user"] == odd and served.json()["source"] == "popular"
-            assert not set(ODD_IDS) & {i["item"] for i in served.json()["items"]}
+            assert served.json()["user"] == odd and served.json()["source"] == "adapted"
+            items = {i["item"] for i in served.json()["items"]}
+            assert items <= pool and known_item not in items  # its own item is seen
+            assert set(ODD_IDS) <= items  # odd item ids come back as they were given
 
 
 HUGE = "x" * 257
@@ -313,7 +312,7 @@ BAD_ID_BODIES: dict[str, Callable[[ScenarioIds], dict]] = {
 async def test_huge_and_control_character_ids_in_a_body_are_422(
     registry, scenario, adapt_url, make_body
 ):
-    async with running(settings_for(registry)) as (_, client):
+    async with running(limited(registry)) as (_, client):
         response = await client.post(adapt_url, json=make_body(scenario))
         assert response.status_code == 422, response.text
         await nothing_stored(client)
@@ -323,7 +322,7 @@ async def test_huge_and_control_character_ids_in_a_body_are_422(
     "user", [HUGE, "", "a\nb", "a\x00b"], ids=["huge", "empty", "newline", "nul"]
 )
 async def test_huge_and_control_character_users_in_a_query_are_422(registry, scenario, user):
-    async with running(settings_for(registry)) as (_, client):
+    async with running(limited(registry)) as (_, client):
         response = await client.get(
             "/recommend", params={"user": user, "scenario": scenario.scenario_id}
         )
@@ -335,28 +334,28 @@ async def test_huge_and_control_character_users_in_a_query_are_422(registry, sce
 
 @pytest.mark.parametrize("n", ["0", "-1", "1001", "99999999999999999999999", "1.5", "ten", ""])
 async def test_n_out_of_range_is_422(registry, n):
-    async with running(settings_for(registry)) as (_, client):
+    async with running(limited(registry)) as (_, client):
         response = await client.get("/recommend", params={"user": "u", "scenario": "s", "n": n})
         assert response.status_code == 422, response.text
 
 
 @pytest.mark.parametrize("limit", ["0", "-1", "1001", "99999999999999999999999", "1.5", "all"])
 async def test_limit_out_of_range_is_422(registry, limit):
-    async with running(settings_for(registry)) as (_, client):
+    async with running(limited(registry)) as (_, client):
         response = await client.get("/scenarios", params={"limit": limit})
         assert response.status_code == 422, response.text
 
 
 @pytest.mark.parametrize("seed", [-1, 2**32, 2**64, 10**30, 1.5, "7", True, [1], {}])
 async def test_seed_out_of_range_is_422(registry, scenario, adapt_url, seed):
-    async with running(settings_for(registry)) as (_, client):
+    async with running(limited(registry)) as (_, client):
         response = await client.post(adapt_url, json=scenario.body(seed=seed))
         assert response.status_code == 422, (seed, response.text)
         await nothing_stored(client)
 
 
 async def test_seed_bounds_are_accepted(registry, scenario, adapt_url):
-    async with running(settings_for(registry)) as (_, client):
+    async with running(limited(registry)) as (_, client):
         for seed in (0, 2**32 - 1):
             response = await client.post(adapt_url, json=scenario.body(seed=seed))
             assert response.status_code == 200, (seed, response.text)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import redis
 import torch
-from conftest import REDIS_URL, needs_cuda, needs_redis, running
+from conftest import REDIS_URL, needs_cuda, needs_redis, running, settings_for
 from fastapi import FastAPI, Query, Request, Response
 from synthetic import ScenarioIds
 
@@ -28,11 +28,6 @@ from service.schemas import RecommendQuery, RecommendResponse
 from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
-
-
-def settings_for(registry, backend: str, namespace: str, **overrides: object) -> Settings:
-    redis_url = REDIS_URL if backend == "redis" else None
-    return Settings(registry=registry, redis_url=redis_url, namespace=namespace, **overrides)
 
 
 def expected_ranking(registry, scenario, variant: str, user: str, seed: int = 0):
@@ -123,7 +118,9 @@ async def test_same_seed_same_adaptation_and_another_seed_differs(registry, scen
     assert other["train_loss"] != first["train_loss"]
 
 
-async def test_unknown_ids_are_reported_and_ignored(registry, scenario):
+async def test_unknown_ids_are_reported_and_folded_in(registry, scenario):
+    # An unknown user with an interaction and an unknown candidate
+    # are folded in rather than ignored: tests/test_fold_in.py tests what they get.
     body = scenario.body()
     body["interactions"] = [
         *body["interactions"],
@@ -134,12 +131,11 @@ async def test_unknown_ids_are_reported_and_ignored(registry, scenario):
         response = await client.post(f"/scenarios/{scenario.scenario_id}/adapt", json=body)
         assert response.status_code == 200, response.text
         adapted = response.json()
-        assert adapted["ignored"] == {
-            "unknown_users": ["ghost-user"],
-            "unknown_items": ["ghost-item"],
-        }
-        assert adapted["used_interactions"] == len(scenario.interactions)
-        assert adapted["num_candidates"] == len(scenario.candidates)  # duplicate counted once
+        assert adapted["ignored"] == {"unknown_users": [], "unknown_items": []}
+        assert adapted["folded_in"] == {"users": ["ghost-user"], "items": ["ghost-item"]}
+        assert adapted["used_interactions"] == len(scenario.interactions) + 1
+        # The duplicate counted once, the unknown candidate kept.
+        assert adapted["num_candidates"] == len(scenario.candidates) + 1
         detail = (await client.get(f"/scenarios/{scenario.scenario_id}")).json()
         assert detail["counts"]["registered_interactions"] == len(scenario.interactions) + 1
 
@@ -221,11 +217,9 @@ BAD_ADAPT_BODIES: dict[str, tuple[Callable[[ScenarioIds], dict], str]] = {
     "unknown field": (lambda s: s.body(extra=1), ""),
     "bad variant": (lambda s: s.body(variant="deep"), ""),
     "negative seed": (lambda s: s.body(seed=-1), ""),
+    # One item: an unknown second candidate would be folded in, not dropped.
     "tiny pool": (
-        lambda s: {
-            "interactions": [s.interactions[0]],
-            "candidates": [s.interactions[0]["item"], "ghost"],
-        },
+        lambda s: {"interactions": [s.interactions[0]], "candidates": [s.interactions[0]["item"]]},
         "at least 2",
     ),
     "too few usable": (lambda s: s.body(interactions=s.interactions[:5]), "at least 8"),

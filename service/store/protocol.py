@@ -27,7 +27,7 @@ SCENARIO_EVENT = "scenario"  # a scenario was written or deleted
 @dataclass(frozen=True)
 class ScenarioState:
     meta: dict[str, object]  # JSON: meta learner, variant, trace, counts, ...
-    params: bytes  # safetensors: the adapted flat parameters
+    params: bytes  # safetensors: the adapted flat parameters (theta) and folded-in vectors
     candidates: list[str]  # the pool as registered (deduplicated, in order)
     interactions: list[tuple[str, str]]  # (user, item) as registered (deduplicated)
     popularity: list[tuple[str, int]]  # pool items with interactions, most popular first

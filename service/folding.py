@@ -1,0 +1,88 @@
+"""Fold-in at serving time: vectors for the candidates and users of a registration that the
+meta learner's tables lack (no row, or a zero vector), from the scenario's interactions
+(model/fold_in.py; docs/http-api.md says what a client sees).
+
+Items first, from the fixed vectors of the known users who interacted with them; a candidate
+no known user touched gets the zero vector, what the solve gives with no interaction, so the
+recommender's embedding terms carry nothing for it and the scenario's popularity decides.
+Then users, from the vectors of their items (folded ones included). A user none of whose
+items has a nonzero vector cannot be folded and is ignored.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from model.fold_in import fold_in
+from service.learners import LoadedVersion
+
+USERS_KEY, ITEMS_KEY = "folded_users", "folded_items"  # in the record's safetensors
+
+
+@dataclass(frozen=True)
+class Folded:
+    """A registration's folded ids and their vectors, in order (rows [F, D])."""
+
+    users: list[str]
+    user_vectors: Tensor
+    items: list[str]
+    item_vectors: Tensor
+    unfoldable_users: list[str]  # unknown users with nothing to fold from
+
+    def tensors(self) -> dict[str, Tensor]:
+        """What the record keeps beside theta (nothing when nothing was folded)."""
+        parts = {USERS_KEY: self.user_vectors, ITEMS_KEY: self.item_vectors}
+        return {
+            key: value.detach().cpu().contiguous() for key, value in parts.items() if len(value)
+        }
+
+
+def is_known_item(loaded: LoadedVersion, item: str) -> bool:
+    row = loaded.item_rows.get(item)
+    return row is not None and bool(loaded.item_has_embedding[row])
+
+
+def fold_registration(
+    loaded: LoadedVersion, interactions: list[tuple[str, str]], candidates: list[str]
+) -> Folded:
+    settings = loaded.fold_settings
+    tables = loaded.tables
+    dim, device = tables.item.shape[1], tables.item.device
+    new_items = [item for item in candidates if not is_known_item(loaded, item)]
+    known_users: dict[str, list[int]] = {item: [] for item in new_items}
+    for user, item in interactions:
+        if item in known_users and loaded.has_embedding(user):
+            known_users[item].append(loaded.user_rows[user])
+    # The Gram matrices only when something is folded: at 10M users it takes seconds, once.
+    item_vectors = torch.zeros(0, dim, device=device)
+    if new_items:
+        counterparts = [
+            tables.user[torch.as_tensor(rows, dtype=torch.long, device=device)]
+            for rows in known_users.values()
+        ]
+        item_vectors = fold_in(loaded.user_gram, counterparts, settings)
+    folded_item = dict(zip(new_items, item_vectors, strict=True))
+
+    item_vectors_of: dict[str, list[Tensor]] = {}
+    for user, item in interactions:
+        if loaded.has_embedding(user):
+            continue
+        vectors = item_vectors_of.setdefault(user, [])
+        if item in folded_item:
+            if known_users[item]:  # a zero vector says nothing about the user
+                vectors.append(folded_item[item])
+        else:  # a known item: interactions are checked to be among the candidates
+            vectors.append(tables.item[loaded.item_rows[item]])
+    users = sorted(user for user, vectors in item_vectors_of.items() if vectors)
+    user_vectors = torch.zeros(0, dim, device=device)
+    if users:
+        counterparts = [torch.stack(item_vectors_of[user]) for user in users]
+        user_vectors = fold_in(loaded.item_gram, counterparts, settings)
+    return Folded(
+        users=users,
+        user_vectors=user_vectors,
+        items=new_items,
+        item_vectors=item_vectors,
+        unfoldable_users=sorted(user for user, vectors in item_vectors_of.items() if not vectors),
+    )
