@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -105,6 +106,14 @@ def namespace(request) -> Iterator[str]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def settings_for(
+    registry: Path, backend: str = "memory", namespace: str = "s", **overrides: object
+) -> Settings:
+    """The service's settings on `backend` ("memory" or "redis") under `namespace`."""
+    redis_url = REDIS_URL if backend == "redis" else None
+    return Settings(registry=registry, redis_url=redis_url, namespace=namespace, **overrides)
 
 
 @contextlib.asynccontextmanager
@@ -205,3 +214,38 @@ def redis_process(tmp_path) -> Iterator[RedisProcess]:
     server.start()
     yield server
     server.stop()
+
+
+@contextlib.contextmanager
+def serving(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """`s2meta serve` as a process of its own on a free port, ready; its base URL. Stopped
+    with SIGTERM afterwards, which it must take gracefully."""
+    port = free_port()
+    s2meta = Path(sys.executable).with_name("s2meta")
+    log = log_path.open("w")
+    server = subprocess.Popen(
+        [str(s2meta), "serve", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **env},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.5)
+        yield base
+    finally:
+        server.terminate()
+        code = server.wait(timeout=60)
+        log.close()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it as its exit status.
+    assert code in (0, -signal.SIGTERM), log_path.read_text()
+    assert "Application shutdown complete" in log_path.read_text()

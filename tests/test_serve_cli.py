@@ -2,19 +2,11 @@
 comes up ready on a published registry and serves over TCP."""
 
 import importlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Iterable
 
 import httpx
 import torch
-from conftest import REDIS_URL, needs_redis
+from conftest import REDIS_URL, needs_redis, serving
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -63,43 +55,6 @@ def test_several_workers_need_redis(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("S2META_REDIS_URL", raising=False)
     assert main(["serve"]) == 2
     assert "S2META_WORKERS=2 needs S2META_REDIS_URL" in capsys.readouterr().err
-
-
-@contextmanager
-def serving(env: dict[str, str], log_path: Path) -> Iterator[str]:
-    """`s2meta serve` as a process of its own on a free port, ready; its base URL. Stopped
-    with SIGTERM afterwards, which it must take gracefully."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    s2meta = Path(sys.executable).with_name("s2meta")
-    log = log_path.open("w")
-    server = subprocess.Popen(
-        [str(s2meta), "serve", "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **env},
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.5)
-        yield base
-    finally:
-        server.terminate()
-        code = server.wait(timeout=60)
-        log.close()
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises it as its exit status.
-    assert code in (0, -signal.SIGTERM), log_path.read_text()
-    assert "Application shutdown complete" in log_path.read_text()
 
 
 def test_a_server_process_becomes_ready_and_serves(registry, scenario, tmp_path):
