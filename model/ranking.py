@@ -81,7 +81,8 @@ def kernel_available() -> bool:
 def _top_k_reference(query: PoolQuery, chunk_pairs: int) -> tuple[Tensor, Tensor]:
     pool = query.pool
     with torch.no_grad():
-        # index_select, not indexing with a tensor: several times faster on a pool of hundreds.
+        # index_select, not indexing with a tensor: several times faster on a pool of hundreds
+        # (docs/performance.md).
         embeddings = pool.item_table.index_select(0, pool.pool_rows)
         chunk = max(1, chunk_pairs // query.users.shape[0])
         parts = zip(
