@@ -3,12 +3,12 @@ row (implicit is in the train extra: skipped without it, so the service tests ru
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
-from threadpoolctl import threadpool_limits
 
 from model.fold_in import FoldInSettings, fold_in, gram
 
+sp = pytest.importorskip("scipy.sparse")
+threadpoolctl = pytest.importorskip("threadpoolctl")
 als = pytest.importorskip("implicit.cpu.als")
 
 
@@ -18,7 +18,7 @@ def test_fold_in_equals_implicit_recalculate(side):
     users, items = 60, 40
     user_items = sp.random(users, items, density=0.15, random_state=1, format="csr")
     user_items.data[:] = 1.0
-    with threadpool_limits(1, "blas"):  # as meta_training/embeddings.py fits it
+    with threadpoolctl.threadpool_limits(1, "blas"):  # as meta_training/embeddings.py fits it
         model = als.AlternatingLeastSquares(
             factors=8, regularization=0.1, alpha=15.0, iterations=3, random_state=0
         )

@@ -14,11 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAINING = ("meta_training", "implicit", "scipy", "matplotlib")
 SERVICE_TESTS = [
     "test_adaptation_batch.py",
+    "test_artifact_mmap.py",
     "test_bad_input.py",
     "test_batching.py",
     "test_direct_routes.py",
     "test_faiss_index.py",
     "test_faults.py",
+    "test_fold_in.py",
     "test_fuzz.py",
     "test_hot_reload.py",
     "test_security.py",
