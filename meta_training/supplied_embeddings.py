@@ -55,8 +55,13 @@ def read_supplied_embeddings(directory: Path, data: InteractionData) -> Embeddin
             f"{items_file}: vectors of dimension {items.shape[1]}, but {users_file.name} has "
             f"{users.shape[1]}: users and items must share one dimension"
         )
-    user, user_known = _align(users_file, user_ids, users, data.user_ids, data.users, "users")
-    item, item_known = _align(items_file, item_ids, items, data.item_ids, data.items, "items")
+    users_ids_file, items_ids_file = files["users"][-1], files["items"][-1]
+    user, user_known = _align(
+        users_file, users_ids_file, user_ids, users, data.user_ids, data.users, "users"
+    )
+    item, item_known = _align(
+        items_file, items_ids_file, item_ids, items, data.item_ids, data.items, "items"
+    )
     return Embeddings(user, item, user_known, item_known)
 
 
@@ -115,6 +120,7 @@ def _read_numpy(array_path: Path, ids_path: Path) -> tuple[list[str], np.ndarray
 
 def _align(
     path: Path,
+    ids_path: Path,  # where the ids are: the Parquet file, or the .txt beside the .npy
     ids: list[str],
     vectors: np.ndarray,  # [N, D] float32
     data_ids: list[str],
@@ -127,7 +133,7 @@ def _align(
     row_of: dict[str, int] = {}
     for row, key in enumerate(ids):
         if key in row_of:
-            raise DataError(f"{path}: duplicate id {key!r} (rows {row_of[key]} and {row})")
+            raise DataError(_duplicate(ids_path, key, row_of[key], row))
         row_of[key] = row
     finite = np.isfinite(vectors).all(axis=1)
     if not finite.all():
@@ -149,3 +155,10 @@ def _align(
     aligned = np.zeros((len(data_ids), vectors.shape[1]), dtype=np.float32)
     aligned[known] = vectors[position[known]]
     return aligned, known
+
+
+def _duplicate(ids_path: Path, key: str, first: int, again: int) -> str:
+    """An id file's lines count from 1; a Parquet file's rows from 0, as in its other errors."""
+    if ids_path.suffix == ".txt":
+        return f"{ids_path}:{again + 1}: duplicate id {key!r} (line {first + 1})"
+    return f"{ids_path}: duplicate id {key!r} (rows {first} and {again})"

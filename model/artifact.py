@@ -29,12 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.numpy
 from pydantic import TypeAdapter, ValidationError
 from safetensors.torch import load_file, save_file
 
 from model.errors import ArtifactError
-from model.ids import IdTable, map_safetensors, mapped_tensor
+from model.ids import IdTable, map_index, map_safetensors, mapped_tensor, save_index
 from model.inner_loss import Tables
 from model.learner_config import LearnerConfig
 from model.params import Params
@@ -116,14 +115,7 @@ def save_artifact(artifact: Artifact, directory: Path) -> None:
     users = IdTable.build(artifact.user_ids, "user ids")
     items = IdTable.build(artifact.item_ids, "item ids")
     _write_json(directory / "ids.json", {"users": list(users), "items": list(items)})
-    safetensors.numpy.save_file(
-        {
-            f"{kind}_{name}": array
-            for kind, table in (("user", users), ("item", items))
-            for name, array in table.to_bytes().items()
-        },
-        str(directory / IDS_INDEX),
-    )
+    save_index({"user": users, "item": items}, directory / IDS_INDEX)
     _write_json(
         directory / "config.json",
         {
@@ -201,6 +193,10 @@ def load_artifact(directory: Path) -> Artifact:
         )
     embeddings = map_safetensors(directory / "embeddings.safetensors")
     user_ids, item_ids = _load_ids(directory)
+    for kind, ids in (("user", user_ids), ("item", item_ids)):
+        if kind not in embeddings or embeddings[kind].ndim != 2:
+            raise ArtifactError(f"{directory / 'embeddings.safetensors'}: no [N, D] {kind} table")
+        ids.check_rows(len(embeddings[kind]), f"{directory}: {kind}")
     return Artifact(
         learners=learners,
         default_variant=config["default_variant"],
@@ -266,14 +262,7 @@ def _load_ids(directory: Path) -> tuple[IdTable, IdTable]:
     if IDS_INDEX not in _manifest_files(directory):
         ids = json.loads((directory / "ids.json").read_text())
         return IdTable.build(ids["users"], "user ids"), IdTable.build(ids["items"], "item ids")
-    index = map_safetensors(directory / IDS_INDEX)
-    try:
-        users, items = (
-            IdTable.from_bytes(index[f"{kind}_ids"], index[f"{kind}_order"])
-            for kind in ("user", "item")
-        )
-    except KeyError as error:
-        raise ArtifactError(f"{directory / IDS_INDEX}: no {error} table") from error
+    users, items = map_index(directory / IDS_INDEX, ("user", "item"))
     return users, items
 
 

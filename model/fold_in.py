@@ -24,6 +24,7 @@ from model.scenario import ScenarioInput
 DEFAULT_REGULARIZATION = 0.01
 DEFAULT_ALPHA = 20.0
 GRAM_CHUNK = 1 << 16  # rows per step: a 10M-row table is never copied whole in float64
+SOLVE_CHUNK = 1024  # systems solved at once: 32 MiB of [D, D] float64 at 64 dims
 
 
 @dataclass(frozen=True)
@@ -60,22 +61,32 @@ def fold_in(
     (fixed vectors of the other side), strengths[k] [n_k] its r values (1 if None)."""
     dim = fixed_gram.shape[0]
     device = fixed_gram.device
-    if not counterparts:
-        return torch.zeros(0, dim, device=device)
+    folded = torch.zeros(len(counterparts), dim, dtype=torch.float64, device=device)
+    # A row with no interaction is zero without a solve: a pool may hold a million of them.
+    touched = [k for k, vectors in enumerate(counterparts) if len(vectors)]
     base = fixed_gram + settings.regularization * torch.eye(dim, dtype=torch.float64, device=device)
-    lhs = base.repeat(len(counterparts), 1, 1)  # [R, D, D]
-    rhs = torch.zeros(len(counterparts), dim, dtype=torch.float64, device=device)
-    for k, vectors in enumerate(counterparts):
-        y = vectors.to(device=device, dtype=torch.float64)  # [n_k, D]
-        r = (
-            torch.ones(len(y), dtype=torch.float64, device=device)
-            if strengths is None
-            else strengths[k].to(device=device, dtype=torch.float64)
-        )
-        confidence = settings.alpha * r
-        lhs[k] += y.T @ ((confidence - 1.0)[:, None] * y)
-        rhs[k] = y.T @ confidence
-    return torch.linalg.solve(lhs, rhs).float()
+    for start in range(0, len(touched), SOLVE_CHUNK):
+        rows = touched[start : start + SOLVE_CHUNK]
+        lhs = base.repeat(len(rows), 1, 1)  # [R, D, D]
+        rhs = torch.zeros(len(rows), dim, dtype=torch.float64, device=device)
+        for j, k in enumerate(rows):
+            y = counterparts[k].to(device=device, dtype=torch.float64)  # [n_k, D]
+            r = (
+                torch.ones(len(y), dtype=torch.float64, device=device)
+                if strengths is None
+                else strengths[k].to(device=device, dtype=torch.float64)
+            )
+            confidence = settings.alpha * r
+            lhs[j] += y.T @ ((confidence - 1.0)[:, None] * y)
+            rhs[j] = y.T @ confidence
+        solved, info = torch.linalg.solve_ex(lhs, rhs)
+        # Singular only without regularisation on a rank-deficient table: the minimum-norm
+        # least-squares vector then, rather than an error.
+        singular = info != 0
+        if singular.any():
+            solved[singular] = (torch.linalg.pinv(lhs[singular]) @ rhs[singular, :, None])[..., 0]
+        folded[rows] = solved
+    return folded.float()
 
 
 def local_tables(

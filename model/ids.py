@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import overload
 
 import numpy as np
+import safetensors.numpy
 import torch
 
 from model.errors import ArtifactError
@@ -106,14 +107,39 @@ class IdTable(Sequence[str]):
         return cls(array, order)
 
     @classmethod
-    def from_bytes(cls, table: np.ndarray, order: np.ndarray) -> "IdTable":
-        """From `to_bytes`'s arrays: [N, width] uint8 (as safetensors stores them) and order."""
+    def from_bytes(cls, table: np.ndarray, order: np.ndarray, what: str = "ids") -> "IdTable":
+        """From `to_bytes`'s arrays: [N, width] uint8 (as safetensors stores them) and order.
+        ArtifactError unless `order` sorts the ids strictly: a lookup would then be wrong."""
+        if table.dtype != np.uint8 or table.ndim != 2 or table.shape[1] == 0:
+            raise ArtifactError(f"{what}: ids {table.dtype}{table.shape}, not [N, width] uint8")
         ids = table.view(f"S{table.shape[1]}").reshape(len(table))
-        return cls(ids, order)
+        result = cls(ids, order)
+        result._check_order(what)
+        return result
+
+    def _check_order(self, what: str, chunk: int = 1 << 16) -> None:
+        """Rows in range and ids strictly increasing along `order` (so also a permutation),
+        a chunk at a time: no [N] copy of the ids."""
+        n = len(self)
+        if n and (int(self.order.min()) < 0 or int(self.order.max()) >= n):
+            raise ArtifactError(f"{what}: the sorted order names a row outside 0..{n - 1}")
+        for start in range(0, max(n - 1, 0), chunk):
+            ordered = self.ids[self.order[start : start + chunk + 1]]
+            if not (ordered[1:] > ordered[:-1]).all():
+                raise ArtifactError(
+                    f"{what}: the sorted order does not sort the ids, or an id repeats "
+                    f"(near sorted position {start}): the index is corrupt"
+                )
 
     def to_bytes(self) -> dict[str, np.ndarray]:
         width = self.ids.dtype.itemsize
         return {"ids": self.ids.view(np.uint8).reshape(len(self), width), "order": self.order}
+
+    def check_rows(self, rows: int, what: str) -> None:
+        """ArtifactError unless there is one id per row of a table: a row with no id, or an
+        id past the table, would serve the wrong vector."""
+        if len(self) != rows:
+            raise ArtifactError(f"{what}: {len(self)} ids for a table of {rows} rows")
 
     def row(self, key: object) -> int | None:
         """The row of an id; None for an id not in the table (or not a string)."""
@@ -171,3 +197,28 @@ class IdRows(Mapping[str, int]):
 
     def __len__(self) -> int:
         return len(self._table)
+
+
+def save_index(tables: Mapping[str, IdTable], path: Path) -> None:
+    """The id tables by kind ("user", "item") in one safetensors file."""
+    safetensors.numpy.save_file(
+        {
+            f"{kind}_{name}": array
+            for kind, table in tables.items()
+            for name, array in table.to_bytes().items()
+        },
+        str(path),
+    )
+
+
+def map_index(path: Path, kinds: Sequence[str]) -> list[IdTable]:
+    """`save_index`'s tables of `kinds`, mapped and checked (ArtifactError if one is missing
+    or does not sort its ids)."""
+    index = map_safetensors(path)
+    try:
+        return [
+            IdTable.from_bytes(index[f"{kind}_ids"], index[f"{kind}_order"], f"{path}: {kind}")
+            for kind in kinds
+        ]
+    except KeyError as error:
+        raise ArtifactError(f"{path}: no {error} table") from error

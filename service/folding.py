@@ -17,7 +17,9 @@ from torch import Tensor
 from model.fold_in import fold_in
 from service.learners import LoadedVersion
 
-USERS_KEY, ITEMS_KEY = "folded_users", "folded_items"  # in the record's safetensors
+# In the record's safetensors: the folded users' vectors; the folded items' nonzero vectors
+# and their positions among the folded items (the others are zero).
+USERS_KEY, ITEMS_KEY, ITEM_ROWS_KEY = "folded_users", "folded_items", "folded_item_rows"
 
 
 @dataclass(frozen=True)
@@ -31,11 +33,25 @@ class Folded:
     unfoldable_users: list[str]  # unknown users with nothing to fold from
 
     def tensors(self) -> dict[str, Tensor]:
-        """What the record keeps beside theta (nothing when nothing was folded)."""
-        parts = {USERS_KEY: self.user_vectors, ITEMS_KEY: self.item_vectors}
+        """What the record keeps beside theta (nothing when nothing was folded). Items no
+        known user touched are zero and not kept: a large new pool is mostly those."""
+        rows = torch.nonzero(self.item_vectors.any(dim=1)).flatten()
+        parts = {
+            USERS_KEY: self.user_vectors,
+            ITEMS_KEY: self.item_vectors[rows],
+            ITEM_ROWS_KEY: rows,
+        }
         return {
             key: value.detach().cpu().contiguous() for key, value in parts.items() if len(value)
         }
+
+
+def stored_item_vectors(tensors: dict[str, Tensor], count: int, dim: int) -> Tensor:
+    """[count, dim]: the folded items' vectors from a record's `Folded.tensors()`."""
+    vectors = torch.zeros(count, dim)
+    if ITEMS_KEY in tensors:
+        vectors[tensors[ITEM_ROWS_KEY]] = tensors[ITEMS_KEY].float()
+    return vectors
 
 
 def is_known_item(loaded: LoadedVersion, item: str) -> bool:
@@ -57,8 +73,12 @@ def fold_registration(
     # The Gram matrices only when something is folded: at 10M users it takes seconds, once.
     item_vectors = torch.zeros(0, dim, device=device)
     if new_items:
+        # Most new candidates of a large pool have no interaction: no gather for those.
+        untouched = tables.user[:0]
         counterparts = [
             tables.user[torch.as_tensor(rows, dtype=torch.long, device=device)]
+            if rows
+            else untouched
             for rows in known_users.values()
         ]
         item_vectors = fold_in(loaded.user_gram, counterparts, settings)

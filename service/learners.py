@@ -108,19 +108,25 @@ def load_version(registry: Path, version: str, device: torch.device) -> LoadedVe
         artifact=on_device,
         user_rows=user_ids.rows,
         item_rows=item_ids.rows,
-        user_has_embedding=nonzero_rows(artifact.tables.user),
-        item_has_embedding=nonzero_rows(artifact.tables.item),
+        user_has_embedding=nonzero_rows(artifact.tables.user, f"{version}: user table"),
+        item_has_embedding=nonzero_rows(artifact.tables.item, f"{version}: item table"),
     )
 
 
-def nonzero_rows(table: torch.Tensor, chunk: int = 1 << 16) -> np.ndarray:
+def nonzero_rows(table: torch.Tensor, what: str, chunk: int = 1 << 16) -> np.ndarray:
     """[N] bool: rows with a nonzero entry, a chunk at a time with numpy, so that a table of
     millions of rows needs no [N, D] temporary (torch's reduction left tens of MB of heap
-    behind per million rows, in every worker)."""
+    behind per million rows, in every worker). ArtifactError on a row with a NaN or inf,
+    which would score and fold in as NaN."""
     rows = table.numpy()
     found = np.empty(len(rows), dtype=bool)
     for start in range(0, len(rows), chunk):
-        found[start : start + chunk] = rows[start : start + chunk].any(axis=1)
+        part = rows[start : start + chunk]
+        found[start : start + chunk] = part.any(axis=1)
+        finite = np.isfinite(part).all(axis=1)
+        if not finite.all():
+            row = start + int(np.flatnonzero(~finite)[0])
+            raise ArtifactError(f"{what}: row {row} holds a NaN or inf")
     return found
 
 

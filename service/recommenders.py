@@ -18,7 +18,7 @@ from model.learner import layout_of
 from model.params import Params
 from model.ranking import PoolQuery, RankedPool
 from model.recommender import RecommenderSpec, item_vector, pool_first_layer, user_vector
-from service.folding import ITEMS_KEY, USERS_KEY
+from service.folding import USERS_KEY, stored_item_vectors
 from service.learners import LoadedVersion
 from service.retrieval import Index, Retriever
 from service.store import StoredScenario
@@ -128,7 +128,8 @@ class AdaptedRecommender:
         item_table = loaded.tables.item
         pool_rows = torch.as_tensor(rows, dtype=torch.long, device=device)
         if folded_items:
-            item_table = torch.cat([item_table[pool_rows], tensors[ITEMS_KEY].to(device)])
+            folded_vectors = stored_item_vectors(tensors, len(folded_items), item_table.shape[1])
+            item_table = torch.cat([item_table[pool_rows], folded_vectors.to(device)])
             pool_rows = torch.arange(len(self.pool_ids), device=device)
         self.index: Index | None = None
         self.pool: RankedPool | None = None

@@ -45,7 +45,8 @@ class Ignored(BaseModel):
         description="users the meta learner lacks whose items give nothing to fold in from"
     )
     unknown_items: list[str] = Field(
-        description="always empty now: an unknown candidate is folded in (kept for clients)"
+        description="always empty: an unknown candidate is folded in; kept so that clients "
+        "reading it still parse"
     )
 
 

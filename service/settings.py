@@ -71,8 +71,8 @@ class Settings(BaseSettings):
     min_interactions: int = Field(
         8,
         ge=1,
-        description="usable interactions an adaptation needs after unknown ids are dropped "
-        "(else 422)",
+        description="usable interactions an adaptation needs after the users that cannot be "
+        "folded in are dropped (else 422)",
     )
     adapt_seed: int = Field(
         0, description="seed of the learning's draws (triples, stop) when a request gives none"

@@ -3,12 +3,15 @@ tables are views of the registry's file, the id lookups answer as the dicts they
 older artifacts without the id index still load, and the service answers on odd ids."""
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
+import safetensors.numpy
 import torch
 from conftest import running
 from safetensors.torch import load_file
@@ -97,6 +100,42 @@ def test_an_artifact_without_the_id_index_loads_from_ids_json(artifact, tmp_path
     assert_same_lookups(IdTable.build(loaded.user_ids).rows, synthetic_artifact().user_ids)
 
 
+def swap_first_two(index: dict[str, np.ndarray]) -> None:
+    index["user_order"] = index["user_order"][[1, 0, *range(2, len(index["user_order"]))]]
+
+
+def drop_last_user(index: dict[str, np.ndarray]) -> None:
+    ids = index["user_ids"][:-1]
+    index["user_ids"] = ids
+    index["user_order"] = np.argsort(ids.view(f"S{ids.shape[1]}").ravel()).astype(np.int64)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (swap_first_two, "does not sort the ids"),
+        (drop_last_user, "399 ids for a table of 400 rows"),
+        (lambda index: index.update(user_ids=index["user_ids"].ravel()), "not \\[N, width\\]"),
+        (lambda index: index["user_order"].__setitem__(0, 10**9), "outside 0..399"),
+        (lambda index: index.pop("item_order"), "no 'item_order' table"),
+    ],
+)
+def test_an_inconsistent_id_index_is_refused_on_load(artifact, tmp_path, corrupt, message):
+    """Written by a faulty tool with a matching manifest: a wrong row must not be served."""
+    bad = tmp_path / "bad"
+    shutil.copytree(artifact, bad)
+    index = {k: v.copy() for k, v in safetensors.numpy.load_file(str(bad / IDS_INDEX)).items()}
+    corrupt(index)
+    safetensors.numpy.save_file(index, str(bad / IDS_INDEX))
+    manifest = json.loads((bad / MANIFEST).read_text())
+    with (bad / IDS_INDEX).open("rb") as file:
+        manifest["files"][IDS_INDEX]["sha256"] = hashlib.file_digest(file, "sha256").hexdigest()
+    manifest["files"][IDS_INDEX]["bytes"] = (bad / IDS_INDEX).stat().st_size
+    (bad / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(bad)
+
+
 @pytest.mark.parametrize(
     ("ids", "message"),
     [(["a", "b", "a"], "'a' appears more than once"), (["a", "b\0"], "ends in NUL")],
@@ -149,3 +188,15 @@ async def test_the_service_answers_on_odd_ids_as_on_plain_ones(registry, tmp_pat
         users[scenario.eval_user],
     )
     assert len(plain) == 20 and served == [items[i] for i in plain]
+
+
+def test_a_version_whose_tables_hold_nan_is_refused(tmp_path):
+    """A NaN would score every candidate NaN, and fold every new id from it, silently."""
+    base = synthetic_artifact()
+    item = base.tables.item.clone()
+    item[7, 3] = float("nan")
+    broken = dataclasses.replace(base, tables=dataclasses.replace(base.tables, item=item))
+    save_artifact(broken, tmp_path / "a")
+    publish(tmp_path / "a", tmp_path / "registry")
+    with pytest.raises(ArtifactError, match="v0001: item table: row 7 holds a NaN or inf"):
+        load_version(tmp_path / "registry", "v0001", torch.device("cpu"))

@@ -3,14 +3,18 @@ scenario-local tables, and the service path: candidates and users the meta learn
 are folded in from the scenario's interactions, stored with the record and served.
 tests/test_fold_in_implicit.py holds the solve equal to implicit's own."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from conftest import REDIS_URL, running
 from safetensors.torch import load
 from synthetic import synthetic_artifact
+from test_hot_reload import wait_for
 
-from model.artifact import load_artifact
+from model import fold_in as fold_in_module
+from model.artifact import load_artifact, publish, save_artifact
 from model.fold_in import FoldInSettings, fold_in, fold_in_settings, gram, local_tables
 from model.inner_loss import Tables
 from model.scenario import ScenarioInput, adapt_scenarios
@@ -51,6 +55,40 @@ def test_fold_in_of_no_interaction_is_the_zero_vector():
     folded = fold_in(gram(table), [table[[1, 2]], table[:0]], SETTINGS)
     assert folded.shape == (2, 4)
     assert folded[0].abs().sum() > 0 and (folded[1] == 0).all()
+
+
+def test_fold_in_without_regularisation_on_a_rank_deficient_table_is_least_squares():
+    table = torch.randn(30, 4, dtype=torch.float64)
+    table[:, 3] = 0  # no vector has a fourth component: Y^T Y is singular
+    settings = FoldInSettings(regularization=0.0, alpha=5.0, defaulted=False)
+    folded = fold_in(gram(table), [table[[1, 2, 7]]], settings)
+    y = table[[1, 2, 7]]
+    lhs = gram(table) + y.T @ ((settings.alpha - 1.0) * y)
+    expected = torch.linalg.pinv(lhs) @ (y.T @ torch.full((3,), settings.alpha).double())
+    assert torch.isfinite(folded).all() and folded[0, 3] == 0
+    torch.testing.assert_close(folded[0].double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_in_of_many_rows_solves_only_the_touched_a_chunk_at_a_time(monkeypatch):
+    """A pool may hold a million new candidates (S2META_MAX_CANDIDATES): one [D, D] system
+    each would take 32 GB at 64 dims. Untouched rows are zero without a solve, and the others
+    are solved in chunks, to the same vectors."""
+    table = torch.randn(30, 4)
+    counterparts = [table[:0]] * 5000 + [table[[k % 30, (k + 1) % 30]] for k in range(300)]
+    alone = [fold_in(gram(table), [vectors], SETTINGS)[0] for vectors in counterparts[-3:]]
+    sizes: list[int] = []
+    solve = torch.linalg.solve_ex
+
+    def counted(lhs, rhs):
+        sizes.append(len(lhs))
+        return solve(lhs, rhs)
+
+    monkeypatch.setattr(torch.linalg, "solve_ex", counted)
+    monkeypatch.setattr(fold_in_module, "SOLVE_CHUNK", 128)
+    folded = fold_in(gram(table), counterparts, SETTINGS)
+    assert sizes == [128, 128, 44]
+    assert folded.shape == (5300, 4) and (folded[:5000] == 0).all()
+    torch.testing.assert_close(folded[-3:], torch.stack(alone))
 
 
 def test_fold_in_settings_read_from_the_artifact_metrics_or_defaulted():
@@ -205,3 +243,72 @@ async def test_folded_vectors_are_stored_with_the_record_and_served_alike(
             again = (await client.get("/recommend", params=query)).json()
     assert again["source"] == first["source"] == "adapted"
     assert again["items"] == first["items"]
+
+
+async def test_a_new_meta_learner_that_knows_a_folded_item_readapts_without_folding_it(
+    registry, scenario, tmp_path
+):
+    """After a hot reload, each scenario folds in again against the new tables: an item the
+    new version knows is no longer folded, a user it still lacks is; a scenario with nothing
+    folded shares the re-adaptation batch."""
+    touched = most_touched(scenario, 1)[0]
+    support_user = scenario.interactions[0]["user"]
+    body = renamed(scenario, {touched: "new:hit"}, {support_user: "new-user"})
+    base = synthetic_artifact()
+    item_ids = ["new:hit" if item == touched else item for item in base.item_ids]
+    save_artifact(dataclasses.replace(base, item_ids=item_ids), tmp_path / "next")
+    query = {"user": "new-user", "scenario": "folded", "n": 1000}
+    settings = Settings(registry=registry, reload_poll_s=0.1, readapt_batch=2)
+    async with running(settings) as (_, client):
+        assert (await client.post("/scenarios/folded/adapt", json=body)).status_code == 200
+        assert (
+            await client.post("/scenarios/plain/adapt", json=scenario.body())
+        ).status_code == 200
+        before = (await client.get("/recommend", params=query)).json()
+        publish(tmp_path / "next", registry)
+
+        async def readapted() -> bool:
+            page = (await client.get("/scenarios")).json()["scenarios"]
+            return all(s["meta_learner"] == "v0002" for s in page)
+
+        await wait_for(readapted, what="both scenarios re-adapted")
+        detail = (await client.get("/scenarios/folded")).json()
+        assert detail["folded_in"] == {"users": ["new-user"], "items": []}
+        after = (await client.get("/recommend", params=query)).json()
+    assert before["source"] == after["source"] == "adapted"
+    assert after["meta_learner"] == "v0002"
+    # The same pool either way, new:hit seen by new-user in both.
+    assert {i["item"] for i in after["items"]} == {i["item"] for i in before["items"]}
+
+
+async def test_a_pool_of_only_new_items_and_a_user_with_nothing_to_fold_from(registry, scenario):
+    """Every candidate new: each is folded from the known users who touched it. A new user
+    whose only item no known user touched has nothing to fold from: ignored, its interaction
+    unused, and it gets the popular items; that item stays in the pool with the zero vector."""
+    items = {c: f"new:{c}" for c in scenario.candidates}
+    body = renamed(scenario, items, {})
+    body["candidates"].append("new:island")
+    body["interactions"].append({"user": "new:islander", "item": "new:island"})
+    touched = {i["item"] for i in body["interactions"]} - {"new:island"}
+    async with running(settings_for(registry, "memory", "fold")) as (app, client):
+        adapted = (await client.post(f"/scenarios/{scenario.scenario_id}/adapt", json=body)).json()
+        assert adapted["folded_in"] == {"users": [], "items": body["candidates"]}
+        # The record keeps the solved vectors only: a pool of a million new items, most
+        # untouched, would otherwise store a million zero vectors.
+        stored = await app.state.service.store.get(scenario.scenario_id)
+        kept = load(stored.state.params)
+        assert kept["folded_items"].shape == (len(touched), 16)
+        assert kept["folded_items"].abs().sum(dim=1).min() > 0
+        assert [body["candidates"][k] for k in kept["folded_item_rows"]] == [
+            c for c in body["candidates"] if c in touched
+        ]
+        assert adapted["ignored"] == {"unknown_users": ["new:islander"], "unknown_items": []}
+        assert adapted["used_interactions"] == len(scenario.interactions)
+        assert adapted["num_candidates"] == len(body["candidates"])
+        known = body["interactions"][0]["user"]
+        query = {"scenario": scenario.scenario_id, "n": 1000, "exclude_seen": "false"}
+        served = (await client.get("/recommend", params={**query, "user": known})).json()
+        assert served["source"] == "adapted"
+        assert {i["item"] for i in served["items"]} == set(body["candidates"])
+        islander = (await client.get("/recommend", params={**query, "user": "new:islander"})).json()
+        assert islander["source"] == "popular"

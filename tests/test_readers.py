@@ -296,6 +296,20 @@ def test_cold_items_pass_the_protocol_and_pretraining(tmp_path, lastfm):
 # ---------------------------------------------------------------------------- errors
 
 
+@pytest.mark.parametrize(
+    ("sequences", "attributes", "message"),
+    [
+        ("u1 a b\nu2 c\x00 a\n", {"a": [1]}, "S.txt:2: an id holds a NUL character"),
+        ("u1 a b\n", {"a": [1], "d\x00": [1]}, "S_item2attributes.json: item 'd\\x00': an id"),
+    ],
+)
+def test_sequence_form_refuses_an_id_with_a_nul(tmp_path, sequences, attributes, message):
+    (tmp_path / "S.txt").write_text(sequences)
+    (tmp_path / "S_item2attributes.json").write_text(json.dumps(attributes))
+    with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path}/{message}")):
+        load_dataset(tmp_path / "S")
+
+
 def pq_file(directory: Path, name: str, table: pa.Table) -> None:
     pq.write_table(table, directory / name)
 
@@ -321,6 +335,20 @@ ERROR_CASES = {
         [("interactions.csv", "user,item,timestamp,weight\nu,i-x,1,\n"), GOOD_MEMBERSHIP],
         "interactions.csv",
         ":2:",
+    ),
+    # An artifact cannot keep an id ending in NUL (model/ids.py): refused here, not after training.
+    "csv-nul-in-id": (
+        [("interactions.csv", "user,item\nu,i-x\nu,i-y\x00\n"), GOOD_MEMBERSHIP],
+        "interactions.csv",
+        ":3:",
+    ),
+    "parquet-nul-in-id": (
+        [
+            ("interactions.parquet", pa.table({"user": ["u", "v\x00"], "item": ["i-x", "i-x"]})),
+            GOOD_MEMBERSHIP,
+        ],
+        "interactions.parquet",
+        ": column 'user'",
     ),
     "csv-repeated-column": (
         [("interactions.csv", "user,item,user\nu,i-x,u\n"), GOOD_MEMBERSHIP],

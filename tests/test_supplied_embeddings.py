@@ -161,7 +161,7 @@ def _inf_users() -> tuple[list[str], np.ndarray]:
             f"vectors of dimension {DIM + 1}, but users.npy has {DIM}",
         ),
         ({"users": _missing_users()}, "users.npy", "2 of the 60 users with an interaction"),
-        ({"items": _duplicate_items()}, "items.npy", "duplicate id 'i5'"),
+        ({"items": _duplicate_items()}, "items.txt", "items.txt:42: duplicate id 'i5' (line 35)"),
         ({"items": _nan_items()}, "items.npy", "1 vector(s) with NaN or inf"),
         ({"users": _inf_users()}, "users.npy", "NaN or inf, the first of id 'u59'"),
         (

@@ -9,6 +9,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from meta_training.errors import DataError
+from meta_training.readers.text import NUL_IN_ID
 
 
 def read_parquet(
@@ -70,6 +71,9 @@ def _ids(column: pa.ChunkedArray, where: str) -> list[str]:
     empty = pc.equal(text, "")
     if pc.any(empty).as_py():
         raise DataError(f"{where}: empty id in row {_row(empty)}")
+    nul = pc.match_substring(text, "\0")
+    if pc.any(nul).as_py():
+        raise DataError(f"{where}: {NUL_IN_ID} in row {_row(nul)}")
     return text.to_pylist()
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from meta_training.errors import DataError
 from meta_training.readers.build import InteractionData, build_interactions
-from meta_training.readers.text import decoding
+from meta_training.readers.text import NUL_IN_ID, decoding
 
 
 def sequence_files(stem: Path) -> tuple[Path, Path]:
@@ -32,6 +32,8 @@ def read_sequence(stem: Path) -> InteractionData:
             tokens = line.split()
             if not tokens:
                 continue
+            if "\0" in line:
+                raise DataError(f"{sequence_file}:{line_number}: {NUL_IN_ID}")
             if len(tokens) < 2:
                 raise DataError(
                     f"{sequence_file}:{line_number}: expected 'user item [item ...]', "
@@ -57,6 +59,8 @@ def read_sequence(stem: Path) -> InteractionData:
         raise DataError(f"{attribute_file}: expected an object {{item: [attribute, ...]}}")
     memberships: list[tuple[str, str]] = []
     for item, item_attributes in attributes.items():
+        if "\0" in item:
+            raise DataError(f"{attribute_file}: item {item!r}: {NUL_IN_ID}")
         if not isinstance(item_attributes, list):
             raise DataError(
                 f"{attribute_file}: item {item!r}: expected a list of attributes, "

@@ -10,6 +10,8 @@ from pathlib import Path
 from meta_training.errors import DataError
 
 Row = tuple[int, list[str]]  # (line number, stripped fields)
+# An artifact keeps ids as fixed-width bytes, which cannot end in NUL (model/ids.py).
+NUL_IN_ID = "an id holds a NUL character"
 
 
 @contextmanager
@@ -49,6 +51,8 @@ def read_delimited(
                         f"{path}:{reader.line_num}: expected {len(header)} fields "
                         f"({delimiter.join(header)!r}) with {names} non-empty, got {fields!r}"
                     )
+                if any("\0" in fields[i] for i in nonempty):
+                    raise DataError(f"{path}:{reader.line_num}: {NUL_IN_ID}, got {fields!r}")
                 rows.append((reader.line_num, fields))
         except csv.Error as error:
             raise DataError(f"{path}:{reader.line_num}: {error}") from error
