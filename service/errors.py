@@ -34,6 +34,14 @@ class QueueFullError(RuntimeError):
     """Every adaptation worker and queue slot is taken."""
 
 
+class RevisionMismatchError(RuntimeError):
+    """An If-Match precondition failed: the stored revision is not the one the client named."""
+
+
+class ConflictError(RuntimeError):
+    """The request conflicts with the scenario's current state (a concurrent change)."""
+
+
 @dataclass(frozen=True)
 class HttpError:
     status: int
@@ -47,6 +55,8 @@ HTTP_ERRORS: dict[type[Exception], HttpError] = {
     QueueFullError: HttpError(
         429, lambda e: f"adaptation queue full ({e}); retry later", retry_after=True
     ),
+    RevisionMismatchError: HttpError(412, str),
+    ConflictError: HttpError(409, str),
     NoMetaLearnerError: HttpError(503, str),
     ArtifactError: HttpError(503, lambda e: f"the scenario's meta learner cannot be loaded: {e}"),
     StoreError: HttpError(503, lambda e: f"scenario store unavailable: {e}"),
