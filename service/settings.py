@@ -142,7 +142,22 @@ class Settings(BaseSettings):
         600, ge=1, description="lifetime of a scenario's re-adaptation lock, seconds"
     )
 
-    @field_validator("redis_url", "admin_token", "read_token", mode="before")
+    # Text by default: what a person reads at a terminal; json for a log pipeline
+    # (docs/observability.md).
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="log lines of `s2meta serve`, uvicorn's included: `text`, or `json` (one "
+        "object per line: time, level, logger, message, request_id within a request, extra "
+        "fields)",
+    )
+    otel_exporter: Literal["console", "otlp"] | None = Field(
+        None,
+        description="OpenTelemetry spans of requests, adapt, recommend, ranking and store calls: "
+        "`console` (stdout) or `otlp` (OTLP over HTTP, to OTEL_EXPORTER_OTLP_ENDPOINT); needs "
+        "the `otel` extra; unset: no tracing",
+    )
+
+    @field_validator("redis_url", "admin_token", "read_token", "otel_exporter", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
