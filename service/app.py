@@ -21,6 +21,7 @@ from service.learners import MetaLearners, resolve_device
 from service.lifecycle import MetaLearnerLifecycle
 from service.limits import BodySizeLimit
 from service.metrics import ServiceMetrics
+from service.openapi import install_openapi
 from service.routes import router
 from service.scenarios import ScenarioService
 from service.settings import Settings
@@ -135,4 +136,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestLatency, metrics=metrics)
 
     register_error_handlers(app, settings.retry_after_s)
+    install_openapi(app, settings)
     return app

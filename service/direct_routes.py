@@ -82,4 +82,9 @@ class DirectRoutes:
         handlers = self.exception_handlers
         if isinstance(error, StarletteHTTPException) and error.status_code in handlers:
             return handlers[error.status_code]
-        return next((handlers[cls] for cls in type(error).__mro__ if cls in handlers), None)
+        # Not the app's Exception handler: an unexpected error propagates to the server-error
+        # middleware (which answers with that handler, then re-raises for the server to log).
+        return next(
+            (handlers[c] for c in type(error).__mro__ if c in handlers and c is not Exception),
+            None,
+        )

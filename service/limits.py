@@ -10,8 +10,8 @@ Starlette request objects) that refuses oversized bodies as early as it can tell
   soon as the count passes the limit: the rest is never pulled. The application is then told
   the client went away (`http.disconnect`), and whatever it answers to that is dropped.
 
-Refusals are JSON `{"detail": ...}` like the API's other errors, and ask the server to close the
-connection, since the unread rest of the body is still on it.
+Refusals are RFC 9457 problems like the API's other errors (service.problems), and ask the
+server to close the connection, since the unread rest of the body is still on it.
 """
 
 import json
@@ -19,12 +19,15 @@ import json
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.problems import MEDIA_TYPE, instance_of, problem_body
 
-async def refuse(send: Send, status: int, detail: str) -> None:
-    """Answer a JSON problem and have the connection closed after it."""
-    body = json.dumps({"detail": detail}, separators=(",", ":")).encode()
+
+async def refuse(scope: Scope, send: Send, status: int, detail: str) -> None:
+    """Answer a problem and have the connection closed after it."""
+    problem = problem_body(status, detail, instance_of(scope))
+    body = json.dumps(problem, separators=(",", ":")).encode()
     headers = [
-        (b"content-type", b"application/json"),
+        (b"content-type", MEDIA_TYPE.encode()),
         (b"content-length", str(len(body)).encode()),
         (b"connection", b"close"),
     ]
@@ -69,10 +72,10 @@ class BodySizeLimit:
         try:
             length = declared_length(scope["headers"])
         except ValueError as error:
-            await refuse(send, 400, str(error))
+            await refuse(scope, send, 400, str(error))
             return
         if length is not None and length > self.max_bytes:
-            await refuse(send, 413, too_large)
+            await refuse(scope, send, 413, too_large)
             return
         if length is None and _bodiless_http1(scope):
             # Nothing to count (a GET, say), and the hot path (recommend) skips the wrappers.
@@ -93,7 +96,7 @@ class BodySizeLimit:
                 if received > self.max_bytes:
                     refused = True
                     if not started:  # a response under way cannot be replaced; it is cut
-                        await refuse(send, 413, too_large)
+                        await refuse(scope, send, 413, too_large)
                     return {"type": "http.disconnect"}
             return message
 

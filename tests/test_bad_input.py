@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import running, settings_for
+from problem_checks import assert_problem, urn
 from starlette.types import Message, Receive, Scope, Send
 from synthetic import ScenarioIds
 
@@ -61,9 +62,11 @@ async def test_oversized_content_length_is_413_and_stores_nothing(registry, adap
         response = await client.post(
             adapt_url, content=big_body(LIMIT + 1), headers={"Content-Type": "application/json"}
         )
-        assert response.status_code == 413, response.text
-        assert response.json() == {"detail": f"request body larger than {LIMIT} bytes"}
+        body = assert_problem(response, 413)
+        assert body["detail"] == f"request body larger than {LIMIT} bytes"
+        assert body["title"] == "Request Entity Too Large"
         assert response.headers["connection"] == "close"
+        assert int(response.headers["content-length"]) == len(response.content)
         await nothing_stored(client)
         # Exactly the limit is read and validated as usual.
         response = await client.post(adapt_url, content=big_body(LIMIT))
@@ -77,7 +80,7 @@ async def test_declared_length_alone_is_refused_before_the_body_is_read(
     body = Chunks(10 * LIMIT)
     async with running(limited(registry)) as (_, client):
         response = await client.post(adapt_url, content=body, headers={"Content-Length": declared})
-        assert response.status_code == 413 and "larger than" in response.json()["detail"]
+        assert_problem(response, 413, detail="larger than")
         assert body.pulled == 0
         # The refusal is counted like any other response.
         metrics = (await client.get("/metrics")).text
@@ -92,8 +95,8 @@ async def test_oversized_chunked_body_is_413_as_soon_as_it_passes_the_limit(regi
             adapt_url, content=body, headers={"Content-Type": "application/json"}
         )
         assert "content-length" not in response.request.headers
-        assert response.status_code == 413, response.text
-        assert response.json() == {"detail": f"request body larger than {LIMIT} bytes"}
+        body_ = assert_problem(response, 413)
+        assert body_["detail"] == f"request body larger than {LIMIT} bytes"
         assert LIMIT < body.pulled <= LIMIT + 1024
         await nothing_stored(client)
         # A small chunked body is passed through whole.
@@ -143,15 +146,14 @@ async def test_a_body_without_length_headers_is_counted_unless_http1_says_there_
 async def test_malformed_content_length_is_400(registry, adapt_url, value):
     async with running(limited(registry)) as (_, client):
         response = await client.post(adapt_url, content=b"{}", headers={"Content-Length": value})
-        assert response.status_code == 400, response.text
-        assert "Content-Length" in response.json()["detail"]
+        assert_problem(response, 400, detail="Content-Length")
 
 
 async def test_conflicting_content_lengths_are_400(registry, adapt_url):
     async with running(limited(registry)) as (_, client):
         headers = [("Content-Length", "2"), ("Content-Length", "3")]
         response = await client.post(adapt_url, content=b"{}", headers=headers)
-        assert response.status_code == 400 and "conflicting" in response.json()["detail"]
+        assert_problem(response, 400, detail="conflicting")
 
 
 # ---- scenario ids -----------------------------------------------------------------------------
@@ -181,7 +183,11 @@ BAD_PATH_IDS = {
 async def test_bad_scenario_ids_in_the_path(registry, scenario, segment, status):
     async with running(limited(registry)) as (_, client):
         response = await client.post(f"/scenarios/{segment}/adapt", json=scenario.body())
-        assert response.status_code == status, response.text
+        if status == 422:  # the id's field error; a 404 is no route, a plain HTTP error
+            body = assert_problem(response, 422, urn("invalid-request"))
+            assert [e["loc"] for e in body["errors"]] == [["path", "scenario_id"]]
+        else:
+            assert_problem(response, status)
         for method in ("GET", "DELETE"):
             other = await client.request(method, f"/scenarios/{segment}")
             # /scenarios/ redirects to /scenarios (307), /scenarios/a/b is no route (404).
@@ -210,7 +216,8 @@ BAD_QUERY_IDS = {
 async def test_bad_scenario_ids_in_the_query(registry, scenario_id):
     async with running(limited(registry)) as (_, client):
         response = await client.get("/recommend", params={"user": "u", "scenario": scenario_id})
-        assert response.status_code == 422, response.text
+        body = assert_problem(response, 422, urn("invalid-request"), "query.scenario")
+        assert [e["loc"] for e in body["errors"]] == [["query", "scenario"]]
         response = await client.get("/scenarios", params={"after": scenario_id})
         assert response.status_code == 422, response.text
 
@@ -237,7 +244,7 @@ async def test_valid_ids_with_colons_and_dots_work(registry, scenario, namespace
         assert (await client.get("/scenarios/scenario:x")).status_code == 404
         assert (await client.get("/scenarios/revision:1")).status_code == 200
         unknown = await client.get("/recommend", params={"user": "u", "scenario": "no:such.id"})
-        assert unknown.status_code == 404 and "no:such.id" in unknown.json()["detail"]
+        assert_problem(unknown, 404, urn("unknown-scenario"), "no:such.id")
 
 
 # ---- user and item ids ------------------------------------------------------------------------
@@ -314,7 +321,8 @@ async def test_huge_and_control_character_ids_in_a_body_are_422(
 ):
     async with running(limited(registry)) as (_, client):
         response = await client.post(adapt_url, json=make_body(scenario))
-        assert response.status_code == 422, response.text
+        body = assert_problem(response, 422, urn("invalid-request"))
+        assert body["errors"] and all(e["loc"][0] == "body" for e in body["errors"])
         await nothing_stored(client)
 
 
