@@ -2,6 +2,8 @@
 learner's adaptation and the record the store keeps. Blocking tensor work: the service runs
 it in its adaptation workers, never on the event loop."""
 
+import hashlib
+import json
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -27,6 +29,12 @@ class Registration:
     candidates: list[str]
     variant: str | None
     seed: int
+
+    def fingerprint(self, meta_learner: str, variant: str) -> str:
+        """What makes an adaptation the same as another: the registration, the variant it
+        resolves to and the meta learner (an identical re-post is answered from the store)."""
+        identity = [self.interactions, self.candidates, variant, self.seed, meta_learner]
+        return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
 def registration(
@@ -186,6 +194,7 @@ def _record(
             "users": len({user for user, _ in resolved.used}),
         },
         "duration_ms": duration_ms,
+        "fingerprint": registration.fingerprint(loaded.version, variant),
     }
     return ScenarioState(
         meta=meta,

@@ -60,12 +60,25 @@ class RecommendBatcher:
             self._start_batch()
         return await future
 
+    async def rank_many(
+        self, recommender: AdaptedRecommender, requests: list[RankRequest]
+    ) -> list[Ranked]:
+        """One recommender's requests ranked together in a batch of their own, whatever its
+        size: one forward over the pool (or one FAISS search) for all of them."""
+        loop = asyncio.get_running_loop()
+        jobs: list[Job] = [(recommender, request, loop.create_future()) for request in requests]
+        self._launch(jobs)
+        return list(await asyncio.gather(*(future for _, _, future in jobs)))
+
     def close(self) -> None:
         """Stop the ranking threads (after the running batches)."""
         self._threads.shutdown(wait=True)
 
     def _start_batch(self) -> None:
         batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+        self._launch(batch)
+
+    def _launch(self, batch: list[Job]) -> None:
         self._running += 1
         task = asyncio.create_task(self._run(batch))
         self._tasks.add(task)  # held until done (the loop keeps only weak references)

@@ -11,8 +11,9 @@ from model.artifact import PUBLISHED_EVENT
 from service.adaptation import Registration, adapt_registrations
 from service.errors import AdaptationInputError, StoreError
 from service.learners import LoadedVersion
-from service.scenarios import Adapted, ScenarioService
+from service.scenarios import ScenarioService
 from service.store import SCENARIO_EVENT, SUBSCRIBED_EVENT, StoredScenario
+from service.writes import Adapted
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class MetaLearnerLifecycle:
         def run() -> list[Adapted]:
             return adapt_registrations(current, registrations, self.settings.min_interactions)
 
-        outcomes = await self.service.run_adaptations(run, trigger="reload")
+        outcomes = await self.service.writes.run_adaptations(run, trigger="reload")
         for (scenario_id, stored), outcome in zip(work, outcomes, strict=True):
             if isinstance(outcome, AdaptationInputError):
                 self._failed_readapts.add((scenario_id, current.version))

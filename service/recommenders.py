@@ -29,6 +29,7 @@ class RankRequest:
     user: str
     n: int
     exclude_seen: bool
+    exclude: frozenset[str] = frozenset()  # item ids left out (out of stock, say)
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class AdaptedRecommender:
         self.pool_ids = [loaded.artifact.item_ids[row] for row in rows] + folded_items
         user_vectors = tensors.get(USERS_KEY, torch.zeros(0)).to(device)  # [F, D]
         self.folded_users = dict(zip(folded["users"], user_vectors, strict=True))
-        position = {item: k for k, item in enumerate(self.pool_ids)}
+        self.position = position = {item: k for k, item in enumerate(self.pool_ids)}
         counts = np.zeros(len(self.pool_ids), dtype=np.float32)
         for item, count in stored.state.popularity:
             if item in position:
@@ -193,7 +194,10 @@ class AdaptedRecommender:
         return self.index.search(queries, wanted)
 
     def _excluded(self, request: RankRequest) -> set[int]:
-        return set(self.seen.get(request.user, ())) if request.exclude_seen else set()
+        excluded = set(self.seen.get(request.user, ())) if request.exclude_seen else set()
+        position = self.position
+        excluded.update(position[item] for item in request.exclude if item in position)
+        return excluded
 
     def _popular(self, request: RankRequest) -> Ranked:
         excluded = self._excluded(request)

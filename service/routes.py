@@ -1,25 +1,27 @@
 """Thin routers: authorise and validate at the edge, call the ScenarioService; its errors are
 answered by the table in service.errors."""
 
-import secrets
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 from pydantic_core import to_json
 
+from service.auth import admin, bearer, optional_auth, reader, require_reader
 from service.direct_routes import DirectRoute, query_parameters
+from service.preconditions import etag, parse_if_match
 from service.scenarios import ScenarioService
 from service.schemas import (
     SCENARIO_ID_PATTERN,
     AdaptRequest,
     AdaptResponse,
-    InvalidInput,
-    Problem,
+    AppendRequest,
+    Readiness,
+    RecommendManyRequest,
+    RecommendManyResponse,
     RecommendQuery,
     RecommendResponse,
     ScenarioDetail,
@@ -28,77 +30,65 @@ from service.schemas import (
 )
 
 ScenarioId = Annotated[str, Path(pattern=SCENARIO_ID_PATTERN, description="scenario id")]
-bearer = HTTPBearer(
-    auto_error=False,
-    description="the admin token (S2META_ADMIN_TOKEN), or for the read routes the read token "
-    "(S2META_READ_TOKEN) when one is set",
-)
+IfMatchHeader = Annotated[
+    str | None,
+    Header(
+        alias="If-Match",
+        description="only if the scenario is at one of these revisions, as its ETag gives them "
+        '(`"7"`), or `*`: stored at all; else 412',
+    ),
+]
 
 
-# The dependencies are coroutines although they do no I/O: FastAPI runs a plain function
-# dependency on a worker thread, a thread hop per request for nothing.
 async def scenario_service(request: Request) -> ScenarioService:
     return request.app.state.service
 
 
 Service = Annotated[ScenarioService, Depends(scenario_service)]
 
-
-def _authorise(
-    request: Request,
-    credentials: HTTPAuthorizationCredentials | None,
-    accepted: list[SecretStr],
-    role: str,
-) -> None:
-    """Let the request through if it carries one of the accepted bearer tokens (compared in
-    constant time); count and refuse it otherwise. Tokens are never logged."""
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        request.app.state.metrics.auth_failures.labels(role=role, reason="missing").inc()
-        raise HTTPException(
-            401,
-            f"{role} token required (Authorization: Bearer <token>)",
-            {"WWW-Authenticate": "Bearer"},
-        )
-    given = credentials.credentials.encode()
-    # Every token is compared (no early exit), so timing says nothing about which matched.
-    matches = [
-        secrets.compare_digest(given, token.get_secret_value().encode()) for token in accepted
-    ]
-    if not any(matches):
-        request.app.state.metrics.auth_failures.labels(role=role, reason="wrong").inc()
-        raise HTTPException(403, f"{role} token not accepted")
-
-
-async def require_admin(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> None:
-    token = request.app.state.settings.admin_token
-    if token is not None:
-        _authorise(request, credentials, [token], "admin")
-
-
-async def require_reader(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> None:
-    """The read routes are open unless a read token is set; the admin token reads too."""
-    settings = request.app.state.settings
-    if settings.read_token is not None:
-        accepted = [settings.read_token, *([settings.admin_token] if settings.admin_token else [])]
-        _authorise(request, credentials, accepted, "read")
-
-
-admin = [Depends(require_admin)]
-reader = [Depends(require_reader)]
-# The read routes need a token only when S2META_READ_TOKEN is set: in OpenAPI terms the bearer
-# scheme or nothing (an empty requirement), appended to the one FastAPI derives from `bearer`.
-optional_auth = {"security": [{}]}
-errors = {
-    404: {"model": Problem, "description": "unknown scenario"},
-    503: {"model": Problem, "description": "store unreachable or no meta learner loaded"},
+SCENARIOS, RECOMMENDATIONS, OPERATIONS = "scenarios", "recommendations", "operations"
+ETAG_HEADER = {"ETag": {"description": "the scenario's revision", "schema": {"type": "string"}}}
+# Statuses each kind of route can answer besides its own; service.openapi gives every error
+# its problem+json content and headers.
+READ_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "read token required"},
+    403: {"description": "read token not accepted"},
+    404: {"description": "unknown scenario"},
+    503: {"description": "store unreachable or no meta learner loaded"},
+}
+WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **READ_ERRORS,
+    401: {"description": "admin token required"},
+    403: {"description": "admin token not accepted"},
+    412: {"description": "If-Match names another revision"},
+}
+BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "body not UTF-8, or a malformed Content-Length"},
+    413: {"description": "body larger than S2META_MAX_BODY_BYTES"},
+    422: {"description": "invalid fields, or a scenario that cannot be adapted"},
 }
 router = APIRouter()
+
+
+def recommend_query(request: Request) -> RecommendQuery:
+    """Parsed as Starlette's QueryParams parses it (the last of repeated keys wins; `exclude`
+    repeats), into a plain dict, cheaper than the multi-dict (docs/performance.md)."""
+    fields: dict[str, Any] = {}
+    excluded = []
+    query = request.scope["query_string"].decode("latin-1")
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key == "exclude":
+            excluded.append(value)
+        else:
+            fields[key] = value
+    if excluded:
+        fields["exclude"] = excluded
+    try:
+        return RecommendQuery.model_validate(fields)
+    except ValidationError as error:
+        raise RequestValidationError(
+            [{**e, "loc": ("query", *e["loc"])} for e in error.errors(include_url=False)]
+        ) from error
 
 
 # The hot route, a DirectRoute declared first (routes are matched in order): it checks the
@@ -107,17 +97,11 @@ router = APIRouter()
 async def recommend(request: Request) -> Response:
     if request.app.state.settings.read_token is not None:  # else open: no header to parse
         await require_reader(request, await bearer(request))
-    # Parsed as Starlette's QueryParams parses it (the last of repeated keys wins), into a
-    # plain dict, cheaper than the multi-dict (docs/performance.md).
-    parameters = parse_qsl(request.scope["query_string"].decode("latin-1"), keep_blank_values=True)
-    try:
-        query = RecommendQuery.model_validate(dict(parameters))
-    except ValidationError as error:
-        raise RequestValidationError(
-            [{**e, "loc": ("query", *e["loc"])} for e in error.errors(include_url=False)]
-        ) from error
+    query = recommend_query(request)
     service: ScenarioService = request.app.state.service
-    body = await service.recommend(query.scenario, query.user, query.n, query.exclude_seen)
+    body = await service.recommend(
+        query.scenario, query.user, query.n, query.exclude_seen, query.exclude
+    )
     return Response(to_json(body), media_type="application/json")
 
 
@@ -127,18 +111,39 @@ router.add_api_route(
     methods=["GET"],
     route_class_override=DirectRoute,
     response_model=RecommendResponse,
-    responses={
-        **errors,
-        401: {"model": Problem},
-        403: {"model": Problem},
-        422: {"model": InvalidInput, "description": "invalid query parameters (a list)"},
-    },
+    responses={**READ_ERRORS, 422: {"description": "invalid query parameters"}},
     openapi_extra={
         "parameters": query_parameters(RecommendQuery),
         "security": [{bearer.scheme_name: []}, {}],
     },
+    operation_id="recommend",
+    tags=[RECOMMENDATIONS],
     summary="Top-n of a scenario's pool for a user",
 )
+
+
+@router.post(
+    "/scenarios/{scenario_id}/recommendations",
+    response_model=RecommendManyResponse,
+    dependencies=reader,
+    responses={**READ_ERRORS, **BODY_ERRORS, 422: {"description": "invalid fields"}},
+    openapi_extra=optional_auth,
+    operation_id="recommendMany",
+    tags=[RECOMMENDATIONS],
+    summary="Top-n for many users of one scenario, ranked in one pass",
+)
+async def recommend_many(
+    scenario_id: ScenarioId, body: RecommendManyRequest, service: Service
+) -> Response:
+    answer = await service.recommend_many(
+        scenario_id, body.users, body.n, body.exclude_seen, body.exclude
+    )
+    return Response(to_json(answer), media_type="application/json")
+
+
+def _with_etag(response: Response, answer: dict[str, Any]) -> dict[str, Any]:
+    response.headers["ETag"] = etag(int(answer["revision"]))
+    return answer
 
 
 @router.post(
@@ -146,35 +151,70 @@ router.add_api_route(
     response_model=AdaptResponse,
     dependencies=admin,
     responses={
-        400: {"model": Problem, "description": "body not UTF-8, or a malformed Content-Length"},
-        401: {"model": Problem},
-        403: {"model": Problem},
-        413: {"model": Problem, "description": "body larger than S2META_MAX_BODY_BYTES"},
-        422: {
-            "model": InvalidInput,
-            "description": "invalid fields (a list), or a scenario that cannot be adapted",
-        },
-        429: {"model": Problem, "description": "adaptation queue full; see Retry-After"},
-        503: errors[503],
+        200: {"headers": ETAG_HEADER},
+        **WRITE_ERRORS,
+        **BODY_ERRORS,
+        404: {"description": "not answered: an adapt creates the scenario"},
+        429: {"description": "adaptation queue full; see Retry-After"},
     },
+    operation_id="adaptScenario",
+    tags=[SCENARIOS],
     summary="Register a scenario's pool and interactions and adapt a recommender for it",
 )
-async def adapt(scenario_id: ScenarioId, body: AdaptRequest, service: Service) -> dict:
-    return await service.adapt(
+async def adapt(
+    scenario_id: ScenarioId,
+    body: AdaptRequest,
+    service: Service,
+    response: Response,
+    if_match: IfMatchHeader = None,
+) -> dict[str, Any]:
+    answer = await service.writes.adapt(
         scenario_id,
         [(i.user, i.item) for i in body.interactions],
         body.candidates,
         body.variant,
         body.seed,
+        parse_if_match(if_match),
     )
+    return _with_etag(response, answer)
+
+
+@router.post(
+    "/scenarios/{scenario_id}/interactions",
+    response_model=AdaptResponse,
+    dependencies=admin,
+    responses={
+        200: {"headers": ETAG_HEADER},
+        **WRITE_ERRORS,
+        **BODY_ERRORS,
+        409: {"description": "other writes kept landing during the append; retry"},
+        429: {"description": "adaptation queue full; see Retry-After"},
+    },
+    operation_id="appendInteractions",
+    tags=[SCENARIOS],
+    summary="Add interactions to a scenario and adapt it again (a new revision)",
+)
+async def append(
+    scenario_id: ScenarioId,
+    body: AppendRequest,
+    service: Service,
+    response: Response,
+    if_match: IfMatchHeader = None,
+) -> dict[str, Any]:
+    interactions = [(i.user, i.item) for i in body.interactions]
+    answer = await service.writes.append(scenario_id, interactions, parse_if_match(if_match))
+    return _with_etag(response, answer)
 
 
 @router.get(
     "/scenarios",
     response_model=ScenarioPage,
     dependencies=reader,
-    responses={503: errors[503], 401: {"model": Problem}, 403: {"model": Problem}},
+    responses={key: READ_ERRORS[key] for key in (401, 403, 503)},
     openapi_extra=optional_auth,
+    operation_id="listScenarios",
+    tags=[SCENARIOS],
+    summary="The scenarios in id order, a page at a time",
 )
 async def list_scenarios(
     service: Service,
@@ -192,42 +232,56 @@ async def list_scenarios(
     "/scenarios/{scenario_id}",
     response_model=ScenarioDetail,
     dependencies=reader,
-    responses={**errors, 401: {"model": Problem}, 403: {"model": Problem}},
+    responses={200: {"headers": ETAG_HEADER}, **READ_ERRORS},
     openapi_extra=optional_auth,
+    operation_id="getScenario",
+    tags=[SCENARIOS],
+    summary="A scenario's current revision: metadata and learning trace",
 )
-async def describe(scenario_id: ScenarioId, service: Service) -> dict:
-    return await service.describe(scenario_id)
+async def describe(scenario_id: ScenarioId, service: Service, response: Response) -> dict:
+    return _with_etag(response, await service.describe(scenario_id))
 
 
 @router.delete(
     "/scenarios/{scenario_id}",
     status_code=204,
     dependencies=admin,
-    responses={**errors, 401: {"model": Problem}, 403: {"model": Problem}},
+    responses=WRITE_ERRORS,
+    operation_id="deleteScenario",
+    tags=[SCENARIOS],
+    summary="Delete a scenario",
 )
-async def delete(scenario_id: ScenarioId, service: Service) -> Response:
-    await service.delete(scenario_id)
+async def delete(
+    scenario_id: ScenarioId, service: Service, if_match: IfMatchHeader = None
+) -> Response:
+    await service.writes.delete(scenario_id, parse_if_match(if_match))
     return Response(status_code=204)
 
 
-@router.get("/healthz", summary="The process is up")
+@router.get("/healthz", operation_id="liveness", tags=[OPERATIONS], summary="The process is up")
 async def healthz() -> dict:
     return {"status": "ok"}
 
 
 @router.get(
     "/readyz",
-    summary="A meta learner is loaded and the store answers",
-    responses={503: errors[503]},
+    response_model=Readiness,
+    responses={503: {"description": "no meta learner loaded yet"}},
+    operation_id="readiness",
+    tags=[OPERATIONS],
+    summary="A meta learner is loaded; `degraded` names what shared dependency is unreachable",
 )
 async def readyz(service: Service) -> dict:
-    problem = await service.readiness()
-    current = service.learners.current
-    if problem is not None or current is None:
-        raise HTTPException(503, problem or "no meta learner loaded")
-    return {"status": "ready", "meta_learner": current.version}
+    version, causes = await service.readiness()
+    return {"status": "degraded" if causes else "ready", "meta_learner": version, "causes": causes}
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    operation_id="metrics",
+    tags=[OPERATIONS],
+    summary="Prometheus metrics",
+)
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

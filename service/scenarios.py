@@ -1,30 +1,20 @@
-"""The request path behind the routes: adapt, recommend, and the scenario reads. The meta
-learner's lifecycle (hot reload, re-adaptation) is `service.lifecycle`."""
+"""The request path behind the routes: recommend, the scenario reads and readiness; the writes
+are `service.writes`, the meta learner's lifecycle (hot reload, re-adaptation)
+`service.lifecycle`."""
 
 import asyncio
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from model.ranking import kernel_available
-from service.adaptation import adapt_registration, registration
 from service.batching import RecommendBatcher
 from service.caches import RecommenderCache, RevisionWatch
-from service.errors import (
-    AdaptationInputError,
-    NoMetaLearnerError,
-    QueueFullError,
-    ScenarioNotFoundError,
-    StoreError,
-)
+from service.errors import ScenarioNotFoundError, StoreError
 from service.learners import MetaLearners
 from service.metrics import ServiceMetrics
 from service.recommenders import AdaptedRecommender, RankRequest
 from service.retrieval import make_retriever
 from service.settings import Settings
-from service.store import ScenarioState, ScenarioStore, StoredScenario
-
-Adapted = ScenarioState | AdaptationInputError  # one scenario's outcome
+from service.store import ScenarioStore, StoredScenario
+from service.writes import ScenarioWrites, current_learner
 
 
 class ScenarioService:
@@ -55,93 +45,21 @@ class ScenarioService:
             0 if on_cpu_with_kernel else settings.recommend_inline_pairs,
             metrics.recommend_batch_size.observe,
         )
-        # Adaptations get their own bounded pool, so recommends never wait behind one.
-        self._adapt_pool = ThreadPoolExecutor(settings.adapt_workers, thread_name_prefix="adapt")
-        self._in_flight = 0
+        self.writes = ScenarioWrites(settings, store, learners, metrics, self.revisions, self.cache)
 
     def close(self) -> None:
         """Stop the adaptation workers and the ranking threads."""
-        self._adapt_pool.shutdown(wait=True, cancel_futures=True)
+        self.writes.close()
         self.batcher.close()
 
-    # ---- adapt and recommend -------------------------------------------------------------
-
-    async def adapt(
-        self,
-        scenario_id: str,
-        interactions: list[tuple[str, str]],
-        candidates: list[str],
-        variant: str | None,
-        seed: int | None,
-    ) -> dict[str, object]:
-        loaded = self.learners.current
-        if loaded is None:
-            raise NoMetaLearnerError("no meta learner is loaded yet")
-        self._check_limits(interactions, candidates)
-        # Fail fast when the result could not be stored, before the costly learning.
-        await self.store.ping()
-        if self._in_flight >= self.settings.adapt_workers + self.settings.adapt_queue:
-            self.metrics.adaptations_rejected.inc()
-            raise QueueFullError(f"{self._in_flight} adaptations are running or queued")
-        chosen_seed = self.settings.adapt_seed if seed is None else seed
-
-        def run() -> list[Adapted]:
-            return [
-                adapt_registration(
-                    loaded,
-                    scenario_id,
-                    registration(interactions, candidates, variant, chosen_seed),
-                    self.settings.min_interactions,
-                )
-            ]
-
-        (state,) = await self.run_adaptations(run, trigger="request")
-        assert isinstance(state, ScenarioState)  # adapt_registration raises the errors
-        revision = await self.store.put(scenario_id, state)
-        # Our own write is known at once, without waiting for its announcement to come back.
-        self.revisions.announced(scenario_id)
-        if revision is None:  # an unconditional write always takes a revision
-            raise StoreError(f"scenario {scenario_id!r}: the store took no revision")
-        return {"scenario": scenario_id, "revision": revision, **state.meta}
-
-    def _check_limits(self, interactions: list[tuple[str, str]], candidates: list[str]) -> None:
-        if not interactions:
-            raise AdaptationInputError("no interactions: a scenario needs a few to adapt on")
-        if len(interactions) > self.settings.max_interactions:
-            raise AdaptationInputError(
-                f"{len(interactions)} interactions, at most {self.settings.max_interactions}"
-            )
-        if len(candidates) > self.settings.max_candidates:
-            raise AdaptationInputError(
-                f"{len(candidates)} candidates, at most {self.settings.max_candidates}"
-            )
-
-    async def run_adaptations(
-        self, work: Callable[[], list[Adapted]], trigger: str
-    ) -> list[Adapted]:
-        """Run one adaptation or one batch of them (a re-adaptation's) in the adaptation pool;
-        a batch holds one worker, so it counts once in flight."""
-        self._in_flight += 1
-        self.metrics.adaptations_in_flight.set(self._in_flight)
-        try:
-            start = time.perf_counter()
-            outcomes = await asyncio.get_running_loop().run_in_executor(self._adapt_pool, work)
-        finally:
-            self._in_flight -= 1
-            self.metrics.adaptations_in_flight.set(self._in_flight)
-        self.metrics.adaptation_seconds.labels(trigger=trigger).observe(time.perf_counter() - start)
-        for state in outcomes:
-            if isinstance(state, ScenarioState):
-                steps = float(state.meta["steps"])  # type: ignore[arg-type]
-                self.metrics.adaptation_steps.observe(steps)
-                self.metrics.stop_reasons.labels(reason=str(state.meta["stopped_by"])).inc()
-        return outcomes
+    # ---- recommend -----------------------------------------------------------------------
 
     async def recommend(
-        self, scenario_id: str, user: str, n: int, exclude_seen: bool
+        self, scenario_id: str, user: str, n: int, exclude_seen: bool, exclude: list[str]
     ) -> dict[str, object]:
         recommender = await self._recommender(scenario_id)
-        ranked = await self.batcher.rank(recommender, RankRequest(user, n, exclude_seen))
+        request = RankRequest(user, n, exclude_seen, frozenset(exclude))
+        ranked = await self.batcher.rank(recommender, request)
         if ranked.source == "popular":
             self.metrics.popular_fallbacks.inc()
         return {
@@ -151,6 +69,31 @@ class ScenarioService:
             "meta_learner": recommender.meta_learner,
             "source": ranked.source,
             "items": [{"item": item, "score": score} for item, score in ranked.items],
+        }
+
+    async def recommend_many(
+        self, scenario_id: str, users: list[str], n: int, exclude_seen: bool, exclude: list[str]
+    ) -> dict[str, object]:
+        """Many users of one scenario ranked in one pass, from one revision."""
+        recommender = await self._recommender(scenario_id)
+        skip = frozenset(exclude)
+        requests = [RankRequest(user, n, exclude_seen, skip) for user in users]
+        answers = await self.batcher.rank_many(recommender, requests)
+        popular = sum(ranked.source == "popular" for ranked in answers)
+        if popular:
+            self.metrics.popular_fallbacks.inc(popular)
+        return {
+            "scenario": scenario_id,
+            "revision": recommender.revision,
+            "meta_learner": recommender.meta_learner,
+            "results": [
+                {
+                    "user": user,
+                    "source": ranked.source,
+                    "items": [{"item": item, "score": score} for item, score in ranked.items],
+                }
+                for user, ranked in zip(users, answers, strict=True)
+            ],
         }
 
     async def _recommender(self, scenario_id: str) -> AdaptedRecommender:
@@ -225,18 +168,15 @@ class ScenarioService:
     async def list_scenarios(self, after: str | None, limit: int) -> list[dict[str, object]]:
         return [self._with_status(meta) for meta in await self.store.list_meta(after, limit)]
 
-    async def delete(self, scenario_id: str) -> None:
-        if not await self.store.delete(scenario_id):
-            raise ScenarioNotFoundError(scenario_id)
-        self.revisions.announced(scenario_id)
-        self.cache.drop(scenario_id)
-
-    async def readiness(self) -> str | None:
-        """None when ready, else why not."""
-        if self.learners.current is None:
-            return "no meta learner loaded"
+    async def readiness(self) -> tuple[str, list[str]]:
+        """The loaded meta learner's version and what is degraded (empty: nothing); a store
+        every replica shares being down does not make a replica unready (docs/operations.md).
+        NoMetaLearnerError when none is loaded."""
+        loaded = current_learner(self.learners)
+        causes = []
         try:
             await self.store.ping()
         except StoreError as error:
-            return f"scenario store unavailable: {error}"
-        return None
+            causes.append(f"scenario store unavailable: {error}")
+        self.metrics.store_reachable.set(0 if causes else 1)
+        return loaded.version, causes

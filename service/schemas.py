@@ -19,13 +19,36 @@ class Interaction(BaseModel):
     item: EntityId
 
 
+MAX_USERS_PER_CALL = 1000  # users of one batch recommendation
+MAX_EXCLUDED = 1000  # item ids one recommendation may exclude
+
+INTERACTIONS_EXAMPLE = [
+    {"user": "u17", "item": "sku-1"},
+    {"user": "u17", "item": "sku-2"},
+    {"user": "u42", "item": "sku-2"},
+]
+
+
 class AdaptRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "interactions": INTERACTIONS_EXAMPLE,
+                    "candidates": ["sku-1", "sku-2", "sku-3"],
+                    "variant": None,
+                    "seed": 7,
+                }
+            ]
+        },
+    )
     interactions: list[Interaction] = Field(
-        description="the scenario's few known (user, item) interactions"
+        min_length=1, description="the scenario's few known (user, item) interactions"
     )
     candidates: list[EntityId] = Field(
-        description="the scenario's item pool: what is ranked, and where negatives come from"
+        min_length=2,
+        description="the scenario's item pool: what is ranked, and where negatives come from",
     )
     variant: Variant | None = Field(
         None, description="recommender variant; null: the meta learner's default"
@@ -37,6 +60,17 @@ class AdaptRequest(BaseModel):
         le=2**32 - 1,
         strict=True,
         description="seed of the learning's draws; null: the default",
+    )
+
+
+class AppendRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"interactions": INTERACTIONS_EXAMPLE}]}
+    )
+    interactions: list[Interaction] = Field(
+        min_length=1,
+        description="interactions to add to the scenario's (already registered ones count once); "
+        "each item must be in the scenario's pool",
     )
 
 
@@ -105,6 +139,11 @@ class AdaptResponse(LearningTrace):
     folded_in: FoldedIn = Field(default_factory=FoldedIn)
     num_candidates: int
     duration_ms: float
+    reused: bool = Field(
+        False,
+        description="true: the request changed nothing (the same registration and meta "
+        "learner), so the stored revision is returned without adapting again",
+    )
 
 
 class RecommendQuery(BaseModel):
@@ -115,6 +154,31 @@ class RecommendQuery(BaseModel):
     n: int = Field(10, ge=1, le=1000, description="how many items")
     exclude_seen: bool = Field(
         True, description="leave out the items the user interacted with in the scenario"
+    )
+    exclude: list[EntityId] = Field(
+        default_factory=list,
+        max_length=MAX_EXCLUDED,
+        description="item ids to leave out (out of stock, say); repeat the parameter for "
+        "several; ids outside the pool change nothing",
+    )
+
+
+class RecommendManyRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"users": ["u17", "u42"], "n": 5, "exclude": ["sku-3"]}]},
+    )
+    users: list[EntityId] = Field(
+        min_length=1, max_length=MAX_USERS_PER_CALL, description="ranked in one pass, in order"
+    )
+    n: int = Field(10, ge=1, le=1000, description="how many items per user")
+    exclude_seen: bool = Field(
+        True, description="leave out the items each user interacted with in the scenario"
+    )
+    exclude: list[EntityId] = Field(
+        default_factory=list,
+        max_length=MAX_EXCLUDED,
+        description="item ids to leave out for every user",
     )
 
 
@@ -133,6 +197,28 @@ class RecommendResponse(BaseModel):
         "scenario's interactions, so the scenario's popular items"
     )
     items: list[ScoredItem]
+
+
+class UserRecommendations(BaseModel):
+    user: str
+    source: Literal["adapted", "popular"]
+    items: list[ScoredItem]
+
+
+class RecommendManyResponse(BaseModel):
+    scenario: str
+    revision: int
+    meta_learner: str
+    results: list[UserRecommendations] = Field(description="one per requested user, in order")
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "degraded"] = Field(
+        description="degraded: serving, but a shared dependency is unreachable (see causes); "
+        "requests that need it answer 503"
+    )
+    meta_learner: str
+    causes: list[str] = Field(description="what is degraded; empty when ready")
 
 
 class ScenarioPage(BaseModel):

@@ -21,6 +21,7 @@ from synthetic import ScenarioIds
 from model.artifact import load_artifact
 from model.scenario import ScenarioInput, adapt_scenarios, score_scenario
 from service import scenarios as scenarios_module
+from service import writes as writes_module
 from service.app import create_app
 from service.direct_routes import DirectRoute
 from service.errors import StoreError
@@ -111,9 +112,11 @@ async def test_same_seed_same_adaptation_and_another_seed_differs(registry, scen
     async with running(settings_for(registry, "memory", "s")) as (_, client):
         url = f"/scenarios/{scenario.scenario_id}/adapt"
         first = (await client.post(url, json=scenario.body(seed=7))).json()
-        again = (await client.post(url, json=scenario.body(seed=7))).json()
         other = (await client.post(url, json=scenario.body(seed=8))).json()
-    assert again["revision"] == first["revision"] + 1
+        # Seed 7 again differs from the stored registration (seed 8): adapted again.
+        again = (await client.post(url, json=scenario.body(seed=7))).json()
+    assert (first["revision"], other["revision"], again["revision"]) == (1, 2, 3)
+    assert not again["reused"]
     assert again["train_loss"] == first["train_loss"]
     assert other["train_loss"] != first["train_loss"]
 
@@ -280,7 +283,7 @@ async def test_recommend_names_every_bad_field_and_an_unknown_scenario_is_404(re
 async def test_queue_full_is_429_and_recommend_is_not_blocked(registry, scenario, monkeypatch):
     settings = settings_for(registry, "memory", "s", adapt_workers=1, adapt_queue=0)
     release = threading.Event()
-    real = scenarios_module.adapt_registration
+    real = writes_module.adapt_registration
 
     def held_adaptation(*args, **kwargs):
         release.wait(timeout=60)
@@ -288,9 +291,9 @@ async def test_queue_full_is_429_and_recommend_is_not_blocked(registry, scenario
 
     async with running(settings) as (app, client):
         await client.post("/scenarios/ready/adapt", json=scenario.body())
-        monkeypatch.setattr(scenarios_module, "adapt_registration", held_adaptation)
+        monkeypatch.setattr(writes_module, "adapt_registration", held_adaptation)
         pending = asyncio.create_task(client.post("/scenarios/next/adapt", json=scenario.body()))
-        while app.state.service._in_flight == 0:
+        while app.state.service.writes._in_flight == 0:
             await asyncio.sleep(0.01)
         refused = await client.post("/scenarios/other/adapt", json=scenario.body())
         assert refused.status_code == 429 and refused.headers["Retry-After"] == "5"
@@ -303,12 +306,18 @@ async def test_queue_full_is_429_and_recommend_is_not_blocked(registry, scenario
         assert "s2meta_adaptations_rejected_total 1.0" in (await client.get("/metrics")).text
 
 
-async def test_unreachable_store_is_503_and_not_ready(registry, scenario):
+async def test_unreachable_store_is_503_and_ready_degraded(registry, scenario):
+    """A store every replica shares being down does not take the replica out of service: it
+    is ready, degraded, and names why; what needs the store answers 503."""
     settings = Settings(registry=registry, redis_url="redis://127.0.0.1:1/0", reload_poll_s=60)
     async with running(settings) as (_, client):
         assert (await client.get("/healthz")).status_code == 200
         ready = await client.get("/readyz")
-        assert ready.status_code == 503 and "store" in ready.json()["detail"]
+        assert ready.status_code == 200
+        assert ready.json()["status"] == "degraded" and ready.json()["meta_learner"] == "v0001"
+        [cause] = ready.json()["causes"]
+        assert "scenario store unavailable" in cause
+        assert metric((await client.get("/metrics")).text, "s2meta_store_reachable") == 0
         response = await client.post(
             f"/scenarios/{scenario.scenario_id}/adapt", json=scenario.body()
         )
@@ -374,7 +383,7 @@ def test_recommend_documents_its_query_as_fastapi_would():
     expected = reference.openapi()["paths"]["/recommend"]["get"]["parameters"]
     ours = create_app(Settings(registry=Path("unused"))).openapi()["paths"]["/recommend"]
     assert ours["get"]["parameters"] == expected
-    assert [p["name"] for p in expected] == ["user", "scenario", "n", "exclude_seen"]
+    assert [p["name"] for p in expected] == ["user", "scenario", "n", "exclude_seen", "exclude"]
 
 
 def test_a_direct_route_takes_the_request_alone():
@@ -417,7 +426,8 @@ async def test_recommend_asks_the_store_only_after_an_announcement(registry, sce
         reads = metric((await second.get("/metrics")).text, "s2meta_store_revision_reads_total")
         assert 1 <= reads <= 2
 
-        await first.post(f"/scenarios/{scenario.scenario_id}/adapt", json=scenario.body())
+        # Another seed: not an identical re-post, so a new revision.
+        await first.post(f"/scenarios/{scenario.scenario_id}/adapt", json=scenario.body(seed=1))
         deadline = time.monotonic() + 2
         while (await second.get("/recommend", params=params)).json()["revision"] != 2:
             assert time.monotonic() < deadline, "the announcement did not arrive"

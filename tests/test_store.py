@@ -171,6 +171,22 @@ async def test_conditional_put_after_delete_expects_absent(store):
     assert revision > 1
 
 
+async def test_conditional_delete(store):
+    await store.put("s1", _state(1))
+    await store.put("s1", _state(2))
+    # A revision that is not the stored one: nothing deleted, nothing announced.
+    assert await store.delete("s1", expected_revision=1) is None
+    stored = await store.get("s1")
+    assert stored is not None
+    assert (stored.revision, stored.state) == (2, _state(2))
+    assert [m["scenario"] for m in await store.list_meta(None, 10)] == ["s1"]
+    # The stored revision: deleted.
+    assert await store.delete("s1", expected_revision=2) is True
+    assert await store.get("s1") is None
+    # Absent: False whatever is expected.
+    assert await store.delete("s1", expected_revision=2) is False
+
+
 async def test_delete_true_then_false(store):
     await store.put("s1", _state(1))
     await store.put("s2", _state(2))

@@ -62,11 +62,15 @@ class MemoryStore:
         ids = sorted(i for i in self._records if after is None or i > after)[:limit]
         return [with_ids(i, self._records[i].revision, self._records[i].state.meta) for i in ids]
 
-    async def delete(self, scenario_id: str) -> bool:
-        existed = self._records.pop(scenario_id, None) is not None
-        if existed:
-            self._announce(scenario_id)
-        return existed
+    async def delete(self, scenario_id: str, expected_revision: int | None = None) -> bool | None:
+        current = self._records.get(scenario_id)
+        if current is None:
+            return False
+        if expected_revision is not None and current.revision != expected_revision:
+            return None
+        del self._records[scenario_id]
+        self._announce(scenario_id)
+        return True
 
     async def acquire_lock(self, name: str, ttl_s: int) -> str | None:
         now = asyncio.get_running_loop().time()

@@ -61,7 +61,10 @@ class ScenarioStore(Protocol):
         """Up to `limit` scenarios' metadata in id order, starting after the id `after`."""
         ...
 
-    async def delete(self, scenario_id: str) -> bool: ...
+    async def delete(self, scenario_id: str, expected_revision: int | None = None) -> bool | None:
+        """Delete the scenario: True if it was stored, False if not; with `expected_revision`
+        only if the stored revision is that one, else delete nothing and return None."""
+        ...
 
     async def acquire_lock(self, name: str, ttl_s: int) -> str | None:
         """A token if the lock was free (it expires after ttl_s), else None."""

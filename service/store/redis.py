@@ -32,14 +32,19 @@ redis.call('ZADD', KEYS[3], 0, ARGV[2])
 redis.call('PUBLISH', ARGV[3], cjson.encode({type = 'scenario', scenario = ARGV[2]}))
 return revision
 """
-# KEYS: record hash, index; ARGV: scenario id, events channel.
+# KEYS: record hash, index; ARGV: scenario id, events channel, expected revision ("" for
+# any). Returns 1 when deleted, 0 when absent, -1 on a mismatch.
 _DELETE = """
-local existed = redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-if existed == 1 then
-  redis.call('PUBLISH', ARGV[2], cjson.encode({type = 'scenario', scenario = ARGV[1]}))
+local current = redis.call('HGET', KEYS[1], 'revision')
+if not current then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 0
 end
-return existed
+if ARGV[3] ~= '' and current ~= ARGV[3] then return -1 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[2], cjson.encode({type = 'scenario', scenario = ARGV[1]}))
+return 1
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -162,15 +167,18 @@ class RedisStore:
             listed.append(with_ids(scenario_id, int(revision), json.loads(meta)))
         return listed
 
-    async def delete(self, scenario_id: str) -> bool:
+    async def delete(self, scenario_id: str, expected_revision: int | None = None) -> bool | None:
+        expected = "" if expected_revision is None else str(expected_revision)
         try:
-            existed = await self._delete(
-                keys=[self._record_key(scenario_id), self._index_key],
-                args=[scenario_id, self._channel],
+            outcome = int(
+                await self._delete(
+                    keys=[self._record_key(scenario_id), self._index_key],
+                    args=[scenario_id, self._channel, expected],
+                )
             )
         except RedisError as error:
             raise StoreError(f"redis: {error}") from error
-        return bool(existed)
+        return None if outcome < 0 else bool(outcome)
 
     async def acquire_lock(self, name: str, ttl_s: int) -> str | None:
         token = secrets.token_hex(16)

@@ -1,0 +1,213 @@
+"""The write path behind the routes: adapt, append interactions, delete, each conditional on
+If-Match, and the adaptation pool that re-adaptations share (`service.lifecycle`)."""
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from service.adaptation import Registration, adapt_registration, registration
+from service.caches import RecommenderCache, RevisionWatch
+from service.errors import (
+    AdaptationInputError,
+    ConflictError,
+    NoMetaLearnerError,
+    QueueFullError,
+    RevisionMismatchError,
+    ScenarioNotFoundError,
+)
+from service.learners import LoadedVersion, MetaLearners
+from service.metrics import ServiceMetrics
+from service.preconditions import IfMatch
+from service.settings import Settings
+from service.store import ScenarioState, ScenarioStore
+from service.store.protocol import with_ids
+
+Adapted = ScenarioState | AdaptationInputError  # one scenario's outcome
+APPEND_ATTEMPTS = 3  # an append raced by other writes starts over at most this often
+
+
+def current_learner(learners: MetaLearners) -> LoadedVersion:
+    loaded = learners.current
+    if loaded is None:
+        raise NoMetaLearnerError("no meta learner is loaded yet")
+    return loaded
+
+
+class ScenarioWrites:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ScenarioStore,
+        learners: MetaLearners,
+        metrics: ServiceMetrics,
+        revisions: RevisionWatch,
+        cache: RecommenderCache,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.learners = learners
+        self.metrics = metrics
+        self.revisions = revisions
+        self.cache = cache
+        # Adaptations get their own bounded pool, so recommends never wait behind one.
+        self._adapt_pool = ThreadPoolExecutor(settings.adapt_workers, thread_name_prefix="adapt")
+        self._in_flight = 0
+
+    def close(self) -> None:
+        """Stop the adaptation workers."""
+        self._adapt_pool.shutdown(wait=True, cancel_futures=True)
+
+    async def adapt(
+        self,
+        scenario_id: str,
+        interactions: list[tuple[str, str]],
+        candidates: list[str],
+        variant: str | None,
+        seed: int | None,
+        if_match: IfMatch | None = None,
+    ) -> dict[str, object]:
+        """Register and adapt; an identical re-post (the same registration, variant, seed and
+        meta learner) answers the stored revision, `reused`, without adapting again."""
+        loaded = current_learner(self.learners)
+        self._check_limits(interactions, candidates)
+        # Fail fast when the result could not be stored, before the costly learning.
+        stored = await self.store.get_meta(scenario_id)
+        expected = self._precondition(if_match, stored)
+        chosen_seed = self.settings.adapt_seed if seed is None else seed
+        registered = await asyncio.to_thread(
+            registration, interactions, candidates, variant, chosen_seed
+        )
+        resolved = variant or loaded.artifact.default_variant
+        if stored is not None and stored.get("fingerprint") == registered.fingerprint(
+            loaded.version, resolved
+        ):
+            return {**stored, "reused": True}
+        return await self._adapt_and_put(loaded, scenario_id, registered, expected)
+
+    async def append(
+        self,
+        scenario_id: str,
+        interactions: list[tuple[str, str]],
+        if_match: IfMatch | None = None,
+    ) -> dict[str, object]:
+        """Add interactions to a stored scenario and adapt it again with its pool, variant and
+        seed. A write that lands meanwhile is not lost: the append starts over from it, or
+        with If-Match gives 412."""
+        loaded = current_learner(self.learners)
+        for _ in range(APPEND_ATTEMPTS):
+            stored = await self.store.get(scenario_id)
+            if stored is None:
+                raise ScenarioNotFoundError(scenario_id)
+            if if_match is not None:
+                if_match.require(stored.revision)
+            state = stored.state
+            merged = list(dict.fromkeys([*state.interactions, *interactions]))
+            if len(merged) == len(state.interactions):  # nothing new
+                return {**with_ids(scenario_id, stored.revision, state.meta), "reused": True}
+            self._check_limits(merged, state.candidates)
+            registered = await asyncio.to_thread(
+                registration,
+                merged,
+                state.candidates,
+                str(state.meta["variant"]),
+                int(state.meta["seed"]),  # type: ignore[call-overload]
+            )
+            try:
+                return await self._adapt_and_put(loaded, scenario_id, registered, stored.revision)
+            except RevisionMismatchError:
+                if if_match is not None:
+                    raise
+        raise ConflictError(
+            f"scenario {scenario_id!r} changed during each of {APPEND_ATTEMPTS} attempts to "
+            "append; retry"
+        )
+
+    async def _adapt_and_put(
+        self,
+        loaded: LoadedVersion,
+        scenario_id: str,
+        registered: Registration,
+        expected: int | None,
+    ) -> dict[str, object]:
+        """Adapt in the adaptation pool and store a new revision; with `expected`, only over
+        that revision (0: absent), else RevisionMismatchError."""
+        if self._in_flight >= self.settings.adapt_workers + self.settings.adapt_queue:
+            self.metrics.adaptations_rejected.inc()
+            raise QueueFullError(f"{self._in_flight} adaptations are running or queued")
+        min_interactions = self.settings.min_interactions
+
+        def run() -> list[Adapted]:
+            return [adapt_registration(loaded, scenario_id, registered, min_interactions)]
+
+        (state,) = await self.run_adaptations(run, trigger="request")
+        assert isinstance(state, ScenarioState)  # adapt_registration raises the errors
+        revision = await self.store.put(scenario_id, state, expected)
+        # Our own write is known at once, without waiting for its announcement to come back.
+        self.revisions.announced(scenario_id)
+        if revision is None:
+            raise RevisionMismatchError(
+                f"scenario {scenario_id!r} was written while it adapted (expected revision "
+                f"{expected}); nothing stored"
+            )
+        return {"scenario": scenario_id, "revision": revision, **state.meta, "reused": False}
+
+    @staticmethod
+    def _precondition(if_match: IfMatch | None, stored: dict[str, object] | None) -> int | None:
+        """The revision a write must replace (0: absent), or None for any."""
+        if if_match is None:
+            return None
+        revision = None if stored is None else int(stored["revision"])  # type: ignore[call-overload]
+        if_match.require(revision)
+        return revision
+
+    def _check_limits(self, interactions: list[tuple[str, str]], candidates: list[str]) -> None:
+        if not interactions:
+            raise AdaptationInputError("no interactions: a scenario needs a few to adapt on")
+        if len(interactions) > self.settings.max_interactions:
+            raise AdaptationInputError(
+                f"{len(interactions)} interactions, at most {self.settings.max_interactions}"
+            )
+        if len(candidates) > self.settings.max_candidates:
+            raise AdaptationInputError(
+                f"{len(candidates)} candidates, at most {self.settings.max_candidates}"
+            )
+
+    async def run_adaptations(
+        self, work: Callable[[], list[Adapted]], trigger: str
+    ) -> list[Adapted]:
+        """Run one adaptation or one batch of them (a re-adaptation's) in the adaptation pool;
+        a batch holds one worker, so it counts once in flight."""
+        self._in_flight += 1
+        self.metrics.adaptations_in_flight.set(self._in_flight)
+        try:
+            start = time.perf_counter()
+            outcomes = await asyncio.get_running_loop().run_in_executor(self._adapt_pool, work)
+        finally:
+            self._in_flight -= 1
+            self.metrics.adaptations_in_flight.set(self._in_flight)
+        self.metrics.adaptation_seconds.labels(trigger=trigger).observe(time.perf_counter() - start)
+        for state in outcomes:
+            if isinstance(state, ScenarioState):
+                steps = float(state.meta["steps"])  # type: ignore[arg-type]
+                self.metrics.adaptation_steps.observe(steps)
+                self.metrics.stop_reasons.labels(reason=str(state.meta["stopped_by"])).inc()
+        return outcomes
+
+    async def delete(self, scenario_id: str, if_match: IfMatch | None = None) -> None:
+        expected = None
+        if if_match is not None:
+            expected = await self.store.revision(scenario_id)
+            if expected is None:
+                raise ScenarioNotFoundError(scenario_id)
+            if_match.require(expected)
+        deleted = await self.store.delete(scenario_id, expected)
+        if deleted is None:
+            raise RevisionMismatchError(
+                f"If-Match {if_match.header if if_match else ''}: the scenario was written "
+                "meanwhile; nothing deleted"
+            )
+        if not deleted:
+            raise ScenarioNotFoundError(scenario_id)
+        self.revisions.announced(scenario_id)
+        self.cache.drop(scenario_id)
