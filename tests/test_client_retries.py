@@ -208,3 +208,10 @@ async def test_async_client_retries_alike():
         "s", "u"
     )
     assert sync_sleeps == sleeps
+
+
+@pytest.mark.parametrize("unreadable", ["soon", "-1", "1.5", "Mon, 99 Foo"])
+def test_an_unreadable_retry_after_falls_back_to_the_backoff(unreadable):
+    script, sleeps = Script(refused(503, unreadable), ok()), []
+    client(script, sleeps, retry=RetryPolicy(backoff_s=0.25, seed=1)).recommend("s", "u")
+    assert len(sleeps) == 1 and 0 <= sleeps[0] < 0.25
