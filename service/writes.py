@@ -95,6 +95,10 @@ class ScenarioWrites:
         seed. A write that lands meanwhile is not lost: the append starts over from it, or
         with If-Match gives 412."""
         loaded = current_learner(self.learners)
+        if len(interactions) > self.settings.max_interactions:  # before any precondition
+            raise AdaptationInputError(
+                f"{len(interactions)} interactions, at most {self.settings.max_interactions}"
+            )
         for _ in range(APPEND_ATTEMPTS):
             stored = await self.store.get(scenario_id)
             if stored is None:
@@ -162,8 +166,11 @@ class ScenarioWrites:
         return revision
 
     def _check_limits(self, interactions: list[tuple[str, str]], candidates: list[str]) -> None:
-        if not interactions:
-            raise AdaptationInputError("no interactions: a scenario needs a few to adapt on")
+        if len(interactions) < self.settings.min_interactions:
+            raise AdaptationInputError(
+                f"{len(interactions)} interaction(s): a scenario needs at least "
+                f"{self.settings.min_interactions} to adapt on"
+            )
         if len(interactions) > self.settings.max_interactions:
             raise AdaptationInputError(
                 f"{len(interactions)} interactions, at most {self.settings.max_interactions}"
