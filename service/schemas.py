@@ -22,10 +22,9 @@ class Interaction(BaseModel):
 MAX_USERS_PER_CALL = 1000  # users of one batch recommendation
 MAX_EXCLUDED = 1000  # item ids one recommendation may exclude
 
+# Eight: S2META_MIN_INTERACTIONS by default, so that the example is a valid request.
 INTERACTIONS_EXAMPLE = [
-    {"user": "u17", "item": "sku-1"},
-    {"user": "u17", "item": "sku-2"},
-    {"user": "u42", "item": "sku-2"},
+    {"user": user, "item": f"sku-{k}"} for user in ("u17", "u42") for k in range(1, 5)
 ]
 
 
@@ -36,7 +35,7 @@ class AdaptRequest(BaseModel):
             "examples": [
                 {
                     "interactions": INTERACTIONS_EXAMPLE,
-                    "candidates": ["sku-1", "sku-2", "sku-3"],
+                    "candidates": [f"sku-{k}" for k in range(1, 7)],
                     "variant": None,
                     "seed": 7,
                 }
@@ -130,6 +129,28 @@ class ScenarioDetail(ScenarioSummary, LearningTrace):
 
 
 class AdaptResponse(LearningTrace):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "scenario": "promo-2026-12",
+                    "revision": 3,
+                    "meta_learner": "v0002",
+                    "variant": "hybrid",
+                    "steps": 6,
+                    "stopped_by": "stop_controller",
+                    "train_loss": [0.99, 0.97, 0.96, 0.95, 0.95, 0.94],
+                    "stop_probability": [0.1, 0.2, 0.2, 0.4, 0.5, 0.7],
+                    "used_interactions": 8,
+                    "ignored": {"unknown_users": [], "unknown_items": []},
+                    "folded_in": {"users": [], "items": ["sku-6"]},
+                    "num_candidates": 6,
+                    "duration_ms": 41.5,
+                    "reused": False,
+                }
+            ]
+        }
+    )
     scenario: str
     revision: int
     meta_learner: str
@@ -188,6 +209,20 @@ class ScoredItem(BaseModel):
 
 
 class RecommendResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "user": "u17",
+                    "scenario": "promo-2026-12",
+                    "revision": 3,
+                    "meta_learner": "v0002",
+                    "source": "adapted",
+                    "items": [{"item": "sku-5", "score": 0.82}, {"item": "sku-6", "score": 0.61}],
+                }
+            ]
+        }
+    )
     user: str
     scenario: str
     revision: int
@@ -213,6 +248,18 @@ class RecommendManyResponse(BaseModel):
 
 
 class Readiness(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"status": "ready", "meta_learner": "v0002", "causes": []},
+                {
+                    "status": "degraded",
+                    "meta_learner": "v0002",
+                    "causes": ["scenario store unavailable: redis: Connection refused"],
+                },
+            ]
+        }
+    )
     status: Literal["ready", "degraded"] = Field(
         description="degraded: serving, but a shared dependency is unreachable (see causes); "
         "requests that need it answer 503"
