@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import REDIS_URL, RedisProcess, free_port, needs_redis, running
+from problem_checks import assert_problem, urn
 from safetensors.torch import load
 
 from model.artifact import publish
@@ -80,8 +81,8 @@ async def test_redis_down_serves_what_is_held_refuses_the_rest_and_recovers(
         ):
             start = time.monotonic()
             response = await request
-            assert response.status_code == 503, response.text
-            assert "store" in response.json()["detail"]
+            assert_problem(response, 503, urn("store-unavailable"), "store")
+            assert response.headers["Retry-After"] == str(settings.retry_after_s)
             assert time.monotonic() - start < TIMEOUT_S + 3.0  # never a hang
         metrics = (await client.get("/metrics")).text
         fallbacks = re.search(r"^s2meta_store_fallbacks_total (\S+)$", metrics, re.M)

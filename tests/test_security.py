@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import running
+from problem_checks import assert_problem, urn
 
 from model.artifact import current_version
 from model.errors import ArtifactError
@@ -35,8 +36,11 @@ async def test_read_token_and_admin_token_guard_their_routes(registry, scenario,
             ("/scenarios/guarded", {}),
             ("/scenarios", {}),
         ):
-            assert (await client.get(route, params=query)).status_code == 401
-            assert (await client.get(route, params=query, headers=wrong)).status_code == 403
+            missing = await client.get(route, params=query)
+            assert_problem(missing, 401, detail="read token required")
+            assert missing.headers["WWW-Authenticate"] == "Bearer"
+            refused = await client.get(route, params=query, headers=wrong)
+            assert_problem(refused, 403, detail="read token not accepted")
             assert (await client.get(route, params=query, headers=read)).status_code == 200
             assert (await client.get(route, params=query, headers=admin)).status_code == 200
         # The token is checked before the query: no validation details without one.
@@ -101,7 +105,7 @@ async def test_a_tampered_version_in_the_store_cannot_open_other_paths(registry,
         await store.put("tampered", dataclasses.replace(stored.state, meta=meta))
         params = {"user": scenario.eval_user, "scenario": "tampered"}
         response = await client.get("/recommend", params=params)
-    assert response.status_code == 503 and "not a version name" in response.json()["detail"]
+    assert_problem(response, 503, urn("meta-learner-unavailable"), "not a version name")
 
 
 async def test_cors_is_off_unless_configured(registry):

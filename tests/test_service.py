@@ -16,6 +16,7 @@ import redis
 import torch
 from conftest import REDIS_URL, needs_cuda, needs_redis, running, settings_for
 from fastapi import FastAPI, Query, Request, Response
+from problem_checks import assert_problem, urn
 from synthetic import ScenarioIds
 
 from model.artifact import load_artifact
@@ -203,56 +204,79 @@ async def test_scenario_routes_list_describe_delete(registry, scenario, namespac
         assert (await client.delete("/scenarios/b:2", headers=auth)).status_code == 404
         assert (await client.get("/scenarios/b:2")).status_code == 404
         gone = await client.get("/recommend", params={"user": "x", "scenario": "b:2"})
-        assert gone.status_code == 404 and "b:2" in gone.json()["detail"]
+        assert_problem(gone, 404, urn("unknown-scenario"), "'b:2'")
         assert (
             await client.get("/recommend", params={"user": "x", "scenario": "a.1"})
         ).status_code == 200
 
 
-# name: (the body, made from the scenario; what the 422's detail says, where checked)
-BAD_ADAPT_BODIES: dict[str, tuple[Callable[[ScenarioIds], dict], str]] = {
-    "empty body": (lambda s: {}, ""),
-    "no interactions": (lambda s: s.body(interactions=[]), ""),
-    "too many interactions": (lambda s: s.body(interactions=s.interactions * 2), "at most 100"),
-    "too many candidates": (lambda s: s.body(candidates=[*s.candidates, "x"]), "at most {pool}"),
-    "bad user id": (lambda s: s.body(interactions=[{"user": "a\x01", "item": "b"}]), ""),
-    "too long id": (lambda s: s.body(candidates=["x" * 300]), ""),
-    "unknown field": (lambda s: s.body(extra=1), ""),
-    "bad variant": (lambda s: s.body(variant="deep"), ""),
-    "negative seed": (lambda s: s.body(seed=-1), ""),
+INVALID, NOT_ADAPTABLE = urn("invalid-request"), urn("not-adaptable")
+# name: (the body, made from the scenario; the 422's type; what its detail says, where checked)
+BAD_ADAPT_BODIES: dict[str, tuple[Callable[[ScenarioIds], dict], str, str]] = {
+    "empty body": (lambda s: {}, INVALID, "body.interactions: Field required"),
+    "no interactions": (lambda s: s.body(interactions=[]), INVALID, "body.interactions"),
+    "too many interactions": (
+        lambda s: s.body(interactions=s.interactions * 2),
+        NOT_ADAPTABLE,
+        "at most 100",
+    ),
+    "too many candidates": (
+        lambda s: s.body(candidates=[*s.candidates, "x"]),
+        NOT_ADAPTABLE,
+        "at most {pool}",
+    ),
+    "bad user id": (
+        lambda s: s.body(interactions=[{"user": "a\x01", "item": "b"}]),
+        INVALID,
+        "body.interactions.0.user",
+    ),
+    "too long id": (lambda s: s.body(candidates=["x" * 300]), INVALID, "body.candidates.0"),
+    "unknown field": (lambda s: s.body(extra=1), INVALID, "body.extra"),
+    "bad variant": (lambda s: s.body(variant="deep"), INVALID, "body.variant"),
+    "negative seed": (lambda s: s.body(seed=-1), INVALID, "body.seed"),
     # One item: an unknown second candidate would be folded in, not dropped.
     "tiny pool": (
         lambda s: {"interactions": [s.interactions[0]], "candidates": [s.interactions[0]["item"]]},
+        INVALID,
         "at least 2",
     ),
-    "too few usable": (lambda s: s.body(interactions=s.interactions[:5]), "at least 8"),
+    "too few usable": (
+        lambda s: s.body(interactions=s.interactions[:5]),
+        NOT_ADAPTABLE,
+        "at least 8",
+    ),
     "item outside the pool": (
         lambda s: s.body(candidates=[c for c in s.candidates if c != s.interactions[0]["item"]]),
+        NOT_ADAPTABLE,
         "not among the candidates",
     ),
 }
 
 
-@pytest.mark.parametrize("make_body,reason", BAD_ADAPT_BODIES.values(), ids=BAD_ADAPT_BODIES.keys())
+@pytest.mark.parametrize(
+    "make_body,kind,reason", BAD_ADAPT_BODIES.values(), ids=BAD_ADAPT_BODIES.keys()
+)
 async def test_a_bad_adapt_body_is_a_clear_422_and_stores_nothing(
-    registry, scenario, make_body, reason
+    registry, scenario, make_body, kind, reason
 ):
     pool = len(scenario.candidates)
     settings = settings_for(registry, "memory", "s", max_interactions=100, max_candidates=pool)
     async with running(settings) as (_, client):
         url = f"/scenarios/{scenario.scenario_id}/adapt"
         response = await client.post(url, json=make_body(scenario))
-        assert response.status_code == 422, response.text
-        assert reason.format(pool=pool) in str(response.json()["detail"])
+        problem = assert_problem(response, 422, kind, reason.format(pool=pool))
+        # Field errors are listed; a scenario that cannot be adapted has none to list.
+        assert bool(problem.get("errors")) == (kind == INVALID)
         assert (await client.get("/scenarios")).json()["scenarios"] == []  # nothing stored
 
 
 async def test_a_bad_scenario_id_or_a_body_not_json_is_422(registry, scenario):
     async with running(settings_for(registry, "memory", "s")) as (_, client):
         response = await client.post("/scenarios/bad id!/adapt", json=scenario.body())
-        assert response.status_code == 422
+        assert_problem(response, 422, INVALID, "path.scenario_id")
         url = f"/scenarios/{scenario.scenario_id}/adapt"
-        assert (await client.post(url, content=b"not json")).status_code == 422
+        not_json = await client.post(url, content=b"not json")
+        assert assert_problem(not_json, 422, INVALID)["errors"][0]["loc"] == ["body"]
         assert (await client.get("/scenarios")).json()["scenarios"] == []
 
 
@@ -261,9 +285,8 @@ async def test_a_bad_recommend_query_is_a_422_located_in_the_query(registry, sce
     async with running(settings_for(registry, "memory", "s")) as (_, client):
         query = {"user": "u", "scenario": scenario.scenario_id, **params}
         response = await client.get("/recommend", params=query)
-        assert response.status_code == 422
-        # FastAPI's shape of field errors, located in the query.
-        [error] = response.json()["detail"]
+        # The field errors, located in the query, each with loc, msg and type.
+        [error] = assert_problem(response, 422, INVALID, f"query.{next(iter(params))}")["errors"]
         assert error["loc"] == ["query", *params]
         assert error["msg"] and error["type"]
 
@@ -271,13 +294,14 @@ async def test_a_bad_recommend_query_is_a_422_located_in_the_query(registry, sce
 async def test_recommend_names_every_bad_field_and_an_unknown_scenario_is_404(registry):
     async with running(settings_for(registry, "memory", "s")) as (_, client):
         response = await client.get("/recommend", params={"n": "many"})
-        assert {tuple(e["loc"]) for e in response.json()["detail"]} == {
+        problem = assert_problem(response, 422, INVALID)
+        assert {tuple(e["loc"]) for e in problem["errors"]} == {
             ("query", "user"),
             ("query", "scenario"),
             ("query", "n"),
         }
         unknown = await client.get("/recommend", params={"user": "u", "scenario": "nope"})
-        assert unknown.status_code == 404
+        assert_problem(unknown, 404, urn("unknown-scenario"), "'nope'")
 
 
 async def test_queue_full_is_429_and_recommend_is_not_blocked(registry, scenario, monkeypatch):
@@ -296,7 +320,8 @@ async def test_queue_full_is_429_and_recommend_is_not_blocked(registry, scenario
         while app.state.service.writes._in_flight == 0:
             await asyncio.sleep(0.01)
         refused = await client.post("/scenarios/other/adapt", json=scenario.body())
-        assert refused.status_code == 429 and refused.headers["Retry-After"] == "5"
+        assert_problem(refused, 429, urn("queue-full"), "retry later")
+        assert refused.headers["Retry-After"] == "5"
         served = await asyncio.wait_for(
             client.get("/recommend", params={"user": scenario.eval_user, "scenario": "ready"}), 10
         )
@@ -321,16 +346,18 @@ async def test_unreachable_store_is_503_and_ready_degraded(registry, scenario):
         response = await client.post(
             f"/scenarios/{scenario.scenario_id}/adapt", json=scenario.body()
         )
-        assert response.status_code == 503 and "store unavailable" in response.json()["detail"]
+        assert_problem(response, 503, urn("store-unavailable"), "store unavailable")
+        assert response.headers["Retry-After"] == "5"
         response = await client.get("/recommend", params={"user": "u", "scenario": "s"})
-        assert response.status_code == 503
+        assert_problem(response, 503, urn("store-unavailable"))
 
 
 async def test_without_a_published_meta_learner_not_ready_and_adapt_is_503(tmp_path, scenario):
     async with running(Settings(registry=tmp_path, reload_poll_s=60)) as (_, client):
         assert (await client.get("/readyz")).status_code == 503
         response = await client.post("/scenarios/x/adapt", json=scenario.body())
-        assert response.status_code == 503 and "meta learner" in response.json()["detail"]
+        assert_problem(response, 503, urn("no-meta-learner"), "meta learner")
+        assert "retry-after" not in response.headers
 
 
 @needs_redis
@@ -458,7 +485,8 @@ async def test_concurrent_misses_load_a_scenario_once(registry, scenario, monkey
         service.cache.drop("s")
         failed = await asyncio.gather(*(client.get("/recommend", params=params) for _ in range(8)))
         assert [response.status_code for response in failed] == [503] * 8
-        assert "down for this test" in failed[0].json()["detail"] and fetched == ["s"]
+        assert_problem(failed[0], 503, urn("store-unavailable"), "down for this test")
+        assert fetched == ["s"]
         store_down = False
         served = await asyncio.gather(*(client.get("/recommend", params=params) for _ in range(8)))
         assert [response.status_code for response in served] == [200] * 8
