@@ -122,3 +122,27 @@ async def test_an_error_without_a_handler_is_a_server_error():
 
     response = await get(app_with(fail), "/direct")
     assert response.status_code == 500
+
+
+async def test_an_unexpected_error_reaches_the_server_error_middleware_not_its_handler():
+    """The app's Exception handler answers it there, and the error is raised on for the
+    server to log, as from a routed request."""
+
+    async def fail(_: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    app = app_with(fail)
+    answered: list[str] = []
+
+    @app.exception_handler(Exception)
+    async def crashed(_: Request, error: Exception) -> JSONResponse:
+        answered.append(str(error))
+        return JSONResponse({"crashed": str(error)}, status_code=500)
+
+    transport = httpx.ASGITransport(app=app)  # raises what the app raises
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        with pytest.raises(RuntimeError, match="a bug"):
+            await client.get("/direct")
+    assert answered == ["a bug"]
+    response = await get(app, "/direct")
+    assert response.status_code == 500 and response.json() == {"crashed": "a bug"}
