@@ -92,7 +92,7 @@ def with_problems(document: Document, settings: Settings) -> Document:
     for (name, prop, keyword), limit in SETTINGS_LIMITS.items():
         if name in schemas:  # a model the routes do not use is not in the document
             schemas[name]["properties"][prop][keyword] = limit(settings)
-    drop_unused(document, ("HTTPValidationError", "ValidationError", "InvalidInput"))
+    drop_unused(document, ("HTTPValidationError", "ValidationError"))
     return document
 
 

@@ -271,21 +271,3 @@ class Readiness(BaseModel):
 class ScenarioPage(BaseModel):
     scenarios: list[ScenarioSummary]
     next: str | None = Field(description="pass as `after` for the next page; null at the end")
-
-
-class Problem(BaseModel):
-    detail: str
-
-
-class FieldError(BaseModel):
-    """One of FastAPI's request-validation errors."""
-
-    loc: list[str | int]
-    msg: str
-    type: str
-
-
-class InvalidInput(BaseModel):
-    """A 422: the request's field errors, or one reason the scenario cannot be adapted."""
-
-    detail: str | list[FieldError]
