@@ -2,7 +2,7 @@
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from model.recommender import Variant
 
@@ -26,6 +26,11 @@ MAX_EXCLUDED = 1000  # item ids one recommendation may exclude
 INTERACTIONS_EXAMPLE = [
     {"user": user, "item": f"sku-{k}"} for user in ("u17", "u42") for k in range(1, 5)
 ]
+
+
+def _integral(value: object) -> object:
+    """A float with no fraction as the int it is; anything else as it came."""
+    return int(value) if type(value) is float and value.is_integer() else value
 
 
 class AdaptRequest(BaseModel):
@@ -52,8 +57,9 @@ class AdaptRequest(BaseModel):
     variant: Variant | None = Field(
         None, description="recommender variant; null: the meta learner's default"
     )
-    # Strict: JSON `true` or "7" are not seeds (lax mode would take them as 1 and 7).
-    seed: int | None = Field(
+    # Strict: JSON `true` or "7" are not seeds (lax mode would take them as 1 and 7); 7.0 is,
+    # as JSON Schema's "integer" counts it.
+    seed: Annotated[int | None, BeforeValidator(_integral)] = Field(
         None,
         ge=0,
         le=2**32 - 1,

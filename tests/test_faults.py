@@ -77,14 +77,18 @@ async def test_redis_down_serves_what_is_held_refuses_the_rest_and_recovers(
             client.get("/scenarios/held"),
             client.get("/scenarios"),
             client.delete("/scenarios/held"),
-            client.get("/readyz"),
         ):
             start = time.monotonic()
             response = await request
             assert_problem(response, 503, urn("store-unavailable"), "store")
             assert response.headers["Retry-After"] == str(settings.retry_after_s)
             assert time.monotonic() - start < TIMEOUT_S + 3.0  # never a hang
+        # Still ready, degraded, naming the store: the replica stays in its Service.
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+        assert "scenario store unavailable" in ready.json()["causes"][0]
         metrics = (await client.get("/metrics")).text
+        assert re.search(r"^s2meta_store_reachable 0\.0$", metrics, re.M)
         fallbacks = re.search(r"^s2meta_store_fallbacks_total (\S+)$", metrics, re.M)
         assert fallbacks is not None and float(fallbacks.group(1)) >= 3
 
@@ -92,7 +96,7 @@ async def test_redis_down_serves_what_is_held_refuses_the_rest_and_recovers(
         # Ready again without a restart: at once, or after one reconnect of a pooled
         # connection the outage left behind (within a few seconds on a loaded machine).
         deadline = time.monotonic() + 5
-        while (ready := await client.get("/readyz")).status_code != 200:
+        while (ready := await client.get("/readyz")).json()["status"] != "ready":
             assert time.monotonic() < deadline, ready.text
             await asyncio.sleep(0.1)
         phase = "recovered"
