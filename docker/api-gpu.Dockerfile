@@ -19,7 +19,7 @@ COPY s2meta s2meta
 COPY meta_training meta_training
 # The project itself (its dependencies are pinned or bounded in pyproject.toml).
 # hadolint ignore=DL3013
-RUN pip install ".[gpu]" \
+RUN pip install ".[gpu,otel]" \
     && site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") \
     && rm -rf "$site/meta_training"
 

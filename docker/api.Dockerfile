@@ -26,7 +26,7 @@ COPY meta_training meta_training
 # site-packages.
 # The project itself (its dependencies are pinned or bounded in pyproject.toml).
 # hadolint ignore=DL3013
-RUN pip install ".[cpu]" \
+RUN pip install ".[cpu,otel]" \
     && site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") \
     && rm -rf "$site/meta_training" \
     && python -m model.kernels "$site"

@@ -21,11 +21,13 @@ from service.learners import MetaLearners, resolve_device
 from service.lifecycle import MetaLearnerLifecycle
 from service.limits import BodySizeLimit
 from service.metrics import ServiceMetrics
+from service.observability import instrument, observe
 from service.openapi import install_openapi
 from service.routes import router
 from service.scenarios import ScenarioService
 from service.settings import Settings
 from service.store import open_store
+from service.tracing import traced_store
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +89,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.admin_token is None:
             logger.warning("S2META_ADMIN_TOKEN is unset: the admin routes are open to anyone")
-        store = open_store(settings.redis_url, settings.namespace, settings.redis_timeout_s)
+        store = traced_store(
+            open_store(settings.redis_url, settings.namespace, settings.redis_timeout_s),
+            app.state.tracer,
+        )
         learners = MetaLearners(settings.registry, resolve_device(settings.device))
         service = ScenarioService(settings, store, learners, metrics)
+        instrument(service, app.state.tracer)  # spans and the info metric
         lifecycle = MetaLearnerLifecycle(service)
         app.state.service = service
         app.state.lifecycle = lifecycle
@@ -134,6 +140,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Outermost (added last): every answer is timed, the refusals of the ones inside too.
     app.add_middleware(RequestLatency, metrics=metrics)
+    # Around everything, Starlette's 500s included: the request id, and spans when set.
+    observe(app, settings)
 
     register_error_handlers(app, settings.retry_after_s)
     install_openapi(app, settings)

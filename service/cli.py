@@ -1,7 +1,6 @@
 """`s2meta serve`: the service from settings (environment, prefix S2META_)."""
 
 import argparse
-import logging
 import os
 import shutil
 import sys
@@ -17,8 +16,10 @@ from pydantic import ValidationError
 from service.app import create_app
 from service.learners import resolve_device
 from service.metrics import MULTIPROC_DIR
+from service.observability import logging_config
 from service.retrieval import make_retriever
 from service.settings import Settings
+from service.tracing import require_sdk
 
 EXIT_USAGE = 2
 
@@ -47,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         make_retriever(
             settings.faiss_index, settings.faiss_search, settings.faiss_min_pool, device
         ).check()
+        require_sdk(settings.otel_exporter)
     except (ValueError, RuntimeError) as error:
         print(f"s2meta serve: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -63,9 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # uvicorn applies it (dictConfig) in this process and in each worker process.
+    log_config = logging_config(settings.log_format, args.log_level)
     made_metrics_dir = settings.workers > 1 and prepare_multiprocess_metrics()
     try:
         # An import string and a factory: with several workers each process builds its own
@@ -77,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=args.host or settings.host,
             port=args.port or settings.port,
             log_level=args.log_level,
+            log_config=log_config,
             access_log=settings.access_log,
         )
     finally:

@@ -152,6 +152,12 @@ class MetaLearners:
         with self._lock:
             return sorted(self._loaded)
 
+    @property
+    def loaded(self) -> list[LoadedVersion]:
+        """The versions held now, without loading any (for metrics)."""
+        with self._lock:
+            return list(self._loaded.values())
+
     def refresh(self) -> str | None:
         """Load the registry's current version if it is new; returns it when this call
         switched to it. A version that fails verification is refused (logged once) and the

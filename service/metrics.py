@@ -8,10 +8,13 @@ workers alive.
 """
 
 import os
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+# (version, default variant, variants comma-separated): one loaded meta learner's labels.
+LearnerLabels = tuple[str, str, str]
 # Where prometheus_client's multiprocess mode keeps each worker's values; set, it is on.
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -120,7 +123,18 @@ class ServiceMetrics:
             registry=self.registry,
             multiprocess_mode="livemax",
         )
+        self.meta_learner_info = Gauge(
+            "s2meta_meta_learner_info",
+            "1 for each meta learner version loaded in this replica (the current one and older "
+            "ones still serving scenarios), with its default variant and variants; 0 once "
+            "unloaded",
+            ["version", "default_variant", "variants"],
+            registry=self.registry,
+            multiprocess_mode="livemax",  # 1 while any live worker holds the version
+        )
         self._version: str | None = None
+        self._loaded_source: Callable[[], set[LearnerLabels]] | None = None
+        self._loaded_shown: set[LearnerLabels] = set()
 
     def set_current_version(self, version: str) -> None:
         if self._version is not None and self._version != version:
@@ -130,10 +144,30 @@ class ServiceMetrics:
             self.meta_learner.remove(self._version)
         self.meta_learner.labels(version=version).set(1)
         self._version = version
+        self.show_loaded()
+
+    def track_loaded(self, source: Callable[[], set[LearnerLabels]]) -> None:
+        """Where s2meta_meta_learner_info reads the loaded versions: shown at each registry
+        poll (`set_current_version`) and each scrape of this process."""
+        self._loaded_source = source
+        self.show_loaded()
+
+    def show_loaded(self) -> None:
+        if self._loaded_source is None:
+            return
+        loaded = self._loaded_source()
+        for labels in self._loaded_shown - loaded:
+            # Zeroed before it is dropped, as in set_current_version (multiprocess files).
+            self.meta_learner_info.labels(*labels).set(0)
+            self.meta_learner_info.remove(*labels)
+        for labels in loaded - self._loaded_shown:
+            self.meta_learner_info.labels(*labels).set(1)
+        self._loaded_shown = loaded
 
     def exposition(self) -> bytes:
         """The text format of this process's metrics, or in multiprocess mode of all the
         workers'."""
+        self.show_loaded()
         if MULTIPROC_DIR not in os.environ:
             return generate_latest(self.registry)
         workers = CollectorRegistry()
