@@ -120,7 +120,7 @@ async def test_a_newer_client_revision_wins_over_a_late_readaptation(
         publish(artifact, registry)
 
         async def readapting() -> bool:
-            return service._in_flight == 1
+            return service.writes._in_flight == 1
 
         await wait_for(readapting, what="the re-adaptation to start")
         reposted = await client.post(url, json=scenario.body(variant="mapping"))
@@ -128,7 +128,7 @@ async def test_a_newer_client_revision_wins_over_a_late_readaptation(
         release.set()
 
         async def idle() -> bool:
-            return service._in_flight == 0
+            return service.writes._in_flight == 0
 
         await wait_for(idle, what="the re-adaptation to finish")
         await asyncio.sleep(0.3)
