@@ -25,7 +25,7 @@ There, whether the targets (TARGET_*) are met, the bare endpoint's own p99 besid
 service's. The service runs on the device S2META_DEVICE names (auto: CUDA when there is
 one). Prints a table and writes benchmarks/results/serving_load.json (--name). Not part of the
 test run. Run: python -m benchmarks.serving_load [--seconds 10] [--rounds 5] [--levels 1,8,32]
-[--workers 2] [--profile]
+[--workers 2] [--log-format json] [--profile]
 """
 
 import argparse
@@ -363,6 +363,12 @@ def main() -> int:
         "--name", default="serving_load", help="results file name (default serving_load)"
     )
     parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="the service's S2META_LOG_FORMAT (default: as the environment says, else text); "
+        "with the access log on, json makes a JSON line per request",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also profile the service (py-spy) during one more run at the targets' level",
@@ -377,6 +383,9 @@ def main() -> int:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     levels = [int(level) for level in args.levels.split(",")]
+    if args.log_format is not None:  # the service's processes inherit this environment
+        os.environ["S2META_LOG_FORMAT"] = args.log_format
+    log_format = Settings().log_format
     access_log = Settings().access_log  # the service's (and the bare endpoint's) setting
     with tempfile.TemporaryDirectory(prefix="s2meta-load-") as scratch:
         root = Path(scratch)
@@ -396,7 +405,7 @@ def main() -> int:
                 f"serving_load: {len(scenarios)} scenarios of {POOL_RANGE[0]}-{POOL_RANGE[1]} "
                 f"candidates, {len(pairs)} (user, scenario) pairs; {args.seconds:.0f} s per run "
                 f"({args.rounds} alternating rounds for service and bare); "
-                f"{args.workers} server process(es) each"
+                f"{args.workers} server process(es) each; service logs: {log_format}"
             )
             runs = []
             round_s = args.seconds / args.rounds
@@ -470,6 +479,7 @@ def main() -> int:
         "pool_range": POOL_RANGE,
         "cpus_seen": os.cpu_count(),
         "workers": args.workers,
+        "log_format": log_format,
         "runs": runs,
         "service_share_of_bare": {
             level: by[("service", level)]["requests_per_s"]

@@ -120,8 +120,8 @@ class RequestContext:
         header = (REQUEST_ID_HEADER, current.encode())
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), header]}
+            if message["type"] == "http.response.start":  # a new list: the response's stays
+                message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
         token = request_id.set(current)
