@@ -54,6 +54,10 @@ STORE_CALLS = (
     "release_lock",
     "publish",
 )
+# The calls (of either) whose first argument is not a scenario id.
+NOT_BY_SCENARIO = frozenset(
+    {"list_scenarios", "ping", "list_meta", "acquire_lock", "release_lock", "publish"}
+)
 RESULT_FIELDS = ("revision", "variant", "meta_learner", "reused", "source")
 
 
@@ -181,9 +185,11 @@ def _spanned(
     attributes: dict[str, Any],
     only_within_trace: bool = False,
 ) -> Callable[..., Awaitable[T]]:
-    """`call` (a coroutine function whose first argument, if a str, is a scenario id) in a
-    span of its own; with `only_within_trace`, only where a span is current."""
+    """`call` (a coroutine function) in a span of its own; with `only_within_trace`, only
+    where a span is current."""
     from opentelemetry.trace import get_current_span
+
+    by_scenario = call.__name__ not in NOT_BY_SCENARIO
 
     @functools.wraps(call)
     async def spanned(*args: Any, **kwargs: Any) -> T:
@@ -191,10 +197,8 @@ def _spanned(
             return await call(*args, **kwargs)
         own = {**attributes, **_request_attributes()}
         scenario = kwargs.get("scenario_id", args[0] if args else None)
-        if isinstance(scenario, str):
+        if by_scenario and isinstance(scenario, str):
             own[PREFIX + "scenario_id"] = scenario
-        if isinstance(kwargs.get("variant"), str):
-            own[PREFIX + "variant"] = kwargs["variant"]
         with tracer.start_as_current_span(name, attributes=own) as span:
             result = await call(*args, **kwargs)
             _note_result(span, result)
