@@ -138,8 +138,8 @@ def declare_problem(status: str, response: Document) -> None:
 
 
 def drop_unused(document: Document, names: tuple[str, ...]) -> None:
-    """Remove the named component schemas (FastAPI's own 422 models, the routes' former error
-    models) once nothing refers to them, so that the document shows one error shape."""
+    """Remove the named component schemas (FastAPI's own 422 models) once nothing refers to
+    them, so that the document shows one error shape."""
     schemas = document["components"]["schemas"]
     for name in names:  # in order: a model before the ones it refers to
         if name not in schemas:
