@@ -83,6 +83,13 @@ class ServiceMetrics:
             "others knew it from the store's announcements)",
             registry=self.registry,
         )
+        self.store_reachable = Gauge(
+            "s2meta_store_reachable",
+            "1 when the scenario store answered the last readiness check, else 0 (the replica "
+            "is then degraded: it serves what it holds, and requests that need the store get 503)",
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
         self.store_fallbacks = Counter(
             "s2meta_store_fallbacks",
             "Recommendations served from the in-process cache while the store was unreachable",

@@ -81,7 +81,12 @@ class Settings(BaseSettings):
     adapt_queue: int = Field(
         8, ge=0, description="adaptations waiting beyond the running ones; more get 429"
     )
-    retry_after_s: int = Field(5, ge=1, description="the Retry-After header of a 429, seconds")
+    retry_after_s: int = Field(
+        5,
+        ge=1,
+        description="the Retry-After header of a 429 (queue full) and of a 503 (store "
+        "unreachable), seconds",
+    )
 
     cache_scenarios: int = Field(256, ge=1, description="adapted recommenders kept in process")
     workers: int = Field(
