@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -23,6 +22,7 @@ from service.limits import BodySizeLimit
 from service.metrics import ServiceMetrics
 from service.observability import instrument, observe
 from service.openapi import install_openapi
+from service.problems import ProblemCORSMiddleware
 from service.routes import router
 from service.scenarios import ScenarioService
 from service.settings import Settings
@@ -132,10 +132,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:  # off unless configured
         app.add_middleware(
-            CORSMiddleware,
+            ProblemCORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "If-Match",
+                "X-Request-ID",
+                "traceparent",
+            ],
+            expose_headers=["ETag", "X-Request-ID", "Retry-After"],
         )
 
     # Outermost (added last): every answer is timed, the refusals of the ones inside too.

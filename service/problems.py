@@ -10,7 +10,9 @@ from urllib.parse import quote
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from pydantic.json_schema import SkipJsonSchema
-from starlette.types import Scope
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import Receive, Scope, Send
 
 MEDIA_TYPE = "application/problem+json"
 ABOUT_BLANK = "about:blank"
@@ -90,3 +92,29 @@ def problem_response(
 ) -> JSONResponse:
     body = problem_body(status, detail, instance_of(scope), type_, title, **extensions)
     return JSONResponse(body, status_code=status, headers=headers, media_type=MEDIA_TYPE)
+
+
+class ProblemCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight (its plain-text 400) answered as a problem
+    like every other 4xx; the rest is Starlette's."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope) if scope["type"] == "http" else None
+        if (
+            headers is not None
+            and scope["method"] == "OPTIONS"
+            and "origin" in headers
+            and "access-control-request-method" in headers
+        ):
+            response = self.preflight_response(request_headers=headers)
+            if response.status_code == 400:
+                cors = {
+                    name: value
+                    for name, value in response.headers.items()
+                    if name.startswith("access-control-")
+                }
+                detail = bytes(response.body).decode()
+                response = problem_response(scope, 400, detail, headers=cors)
+            await response(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)

@@ -117,3 +117,14 @@ async def test_cors_is_off_unless_configured(registry):
     async with running(configured) as (_, client):
         response = await client.options("/recommend", headers=preflight)
         assert response.headers["access-control-allow-origin"] == "https://shop.example"
+        # A browser may send the conditional and tracing headers and read the answers'.
+        asked = {**preflight, "Access-Control-Request-Headers": "if-match, x-request-id"}
+        assert (await client.options("/recommend", headers=asked)).status_code == 200
+        simple = await client.get("/healthz", headers={"Origin": "https://shop.example"})
+        exposed = simple.headers["access-control-expose-headers"]
+        assert {"ETag", "X-Request-ID", "Retry-After"} <= set(exposed.split(", "))
+        # A refused preflight is a problem like every other 4xx.
+        refused = await client.options(
+            "/recommend", headers={**preflight, "Origin": "https://elsewhere.example"}
+        )
+        assert_problem(refused, 400, "about:blank", "Disallowed CORS origin")
