@@ -237,10 +237,9 @@ def trace_service(service: "ScenarioService", tracer: "Tracer | None") -> None:
     for path, name in SERVICE_CALLS.items():
         *owners, call = path.split(".")
         owner: object = service
-        for attribute in owners:
-            owner = getattr(owner, attribute, None)
-        if owner is not None and hasattr(owner, call):
-            setattr(owner, call, _spanned(tracer, name, getattr(owner, call), {}))
+        for attribute in owners:  # a renamed call fails here, loudly, rather than go unspanned
+            owner = getattr(owner, attribute)
+        setattr(owner, call, _spanned(tracer, name, getattr(owner, call), {}))
     rank = service.batcher.rank
 
     @functools.wraps(rank)

@@ -19,6 +19,9 @@ from conftest import running, settings_for
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from service.app import create_app
+from service.scenarios import ScenarioService
+from service.tracing import SERVICE_CALLS
+from service.writes import ScenarioWrites
 
 pytestmark = pytest.mark.anyio
 
@@ -161,3 +164,12 @@ def test_the_api_images_install_the_otel_extra():
     root = Path(__file__).resolve().parents[1]
     for name, extra in (("api.Dockerfile", "cpu"), ("api-gpu.Dockerfile", "gpu")):
         assert f'pip install ".[{extra},otel]"' in (root / "docker" / name).read_text(), name
+
+
+def test_every_spanned_call_exists():
+    """SERVICE_CALLS names the calls by path: each resolves on the service's classes, so a
+    rename fails here (and at start with tracing on) rather than drop its span."""
+    owners = {"": ScenarioService, "writes": ScenarioWrites}
+    for path in SERVICE_CALLS:
+        *owner, call = path.split(".")
+        assert callable(getattr(owners[".".join(owner)], call)), path
