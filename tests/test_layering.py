@@ -25,6 +25,7 @@ SERVICE_TESTS = [
     "test_fold_in.py",
     "test_fuzz.py",
     "test_hot_reload.py",
+    "test_observability.py",
     "test_openapi.py",
     "test_openapi_operations.py",
     "test_problems.py",
@@ -35,6 +36,7 @@ SERVICE_TESTS = [
     "test_service.py",
     "test_startup.py",
     "test_store.py",
+    "test_tracing.py",
 ]
 # Run, not only collected: an adaptation and a recommend through the app (checked against
 # the model code), and a batch of adaptations.
