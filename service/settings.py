@@ -5,7 +5,7 @@ Each field's description is the reference: docs/configuration.md is generated fr
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,8 +23,18 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = Field(
         None,
-        description="Redis URL for scenario state shared by replicas; unset or empty: an "
-        "in-process store",
+        description="Redis URL for scenario state shared by replicas (`rediss://` for TLS); "
+        "unset or empty: an in-process store",
+    )
+    redis_password: SecretStr | None = Field(
+        None,
+        description="password of that Redis (its `requirepass`), sent on every connection and "
+        "never logged; unset or empty: none",
+    )
+    redis_tls_ca_file: Path | None = Field(
+        None,
+        description="PEM file of the CA that signed the Redis server's certificate, for a "
+        "`rediss://` URL; unset or empty: the system's CAs",
     )
     admin_token: SecretStr | None = Field(
         None,
@@ -162,7 +172,24 @@ class Settings(BaseSettings):
         "the `otel` extra; unset: no tracing",
     )
 
-    @field_validator("redis_url", "admin_token", "read_token", "otel_exporter", mode="before")
+    @field_validator(
+        "redis_url",
+        "redis_password",
+        "redis_tls_ca_file",
+        "admin_token",
+        "read_token",
+        "otel_exporter",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _ca_file_needs_tls(self) -> "Settings":
+        # A CA file with a plain redis:// URL would be silently unused: refuse it at start.
+        if self.redis_tls_ca_file is not None and not (self.redis_url or "").startswith(
+            "rediss://"
+        ):
+            raise ValueError("S2META_REDIS_TLS_CA_FILE needs a rediss:// S2META_REDIS_URL")
+        return self

@@ -4,8 +4,10 @@ announces it on the events channel."""
 import json
 import secrets
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import redis.asyncio as aioredis
+from pydantic import SecretStr
 from redis.exceptions import RedisError
 
 from model.artifact import events_channel
@@ -56,9 +58,23 @@ class RedisStore:
     """Scenario state in Redis, shared by every replica pointed at the same URL and
     namespace. Any Redis failure surfaces as StoreError."""
 
-    def __init__(self, url: str, namespace: str, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        namespace: str,
+        timeout_s: float = 5.0,
+        *,
+        password: SecretStr | None = None,
+        tls_ca_file: Path | None = None,
+    ) -> None:
+        # Only a rediss:// connection takes ssl_ca_certs; a plain one rejects the keyword.
+        tls = {} if tls_ca_file is None else {"ssl_ca_certs": str(tls_ca_file)}
         self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            password=None if password is None else password.get_secret_value(),
+            **tls,
         )
         self._ns = namespace
         self._put = self._redis.register_script(_PUT)
