@@ -16,16 +16,22 @@ A directory:
 A registry is a directory of published versions, `versions/<version>/`, and a `current`
 file naming one; publishing copies the artifact in under a temporary name, renames it into
 place, and only then replaces `current` (atomically), so readers never see a partial one.
+A staged publication leaves `current` alone. A `history` file logs every publication and
+every move of `current` (model/registry.py reads it: promote, roll back, list, remove); the
+moves are serialised by a lock file, `.lock`.
 """
 
+import contextlib
 import dataclasses
+import datetime
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +53,8 @@ IDS_INDEX = "ids.safetensors"
 MANIFEST = "manifest.json"
 CURRENT = "current"
 VERSIONS = "versions"
+HISTORY = "history"
+LOCK = ".lock"
 VERSION_PATTERN = re.compile(r"v[0-9]{4,9}")
 # What a publisher announces on the service's event channel (Redis pub/sub), so replicas load
 # a new version at once instead of at their next registry poll.
@@ -207,9 +215,10 @@ def load_artifact(directory: Path) -> Artifact:
     )
 
 
-def publish(artifact_dir: Path, registry: Path) -> str:
+def publish(artifact_dir: Path, registry: Path, stage: bool = False) -> str:
     """Copy a verified artifact into the registry as the next version; point `current` at
-    it. Returns the version name."""
+    it unless `stage` (then model.registry.promote makes it current later). Returns the
+    version name."""
     verify_artifact(artifact_dir)
     versions = registry / VERSIONS
     versions.mkdir(parents=True, exist_ok=True)
@@ -218,22 +227,66 @@ def publish(artifact_dir: Path, registry: Path) -> str:
         for name in (*_manifest_files(artifact_dir), MANIFEST):
             shutil.copy2(artifact_dir / name, staging / name)
         verify_artifact(staging)
-        while True:
-            version = f"v{_next_number(versions):04d}"
-            try:
-                # Fails if another publisher took the name meanwhile: take the next one.
-                os.rename(staging, versions / version)
-                break
-            except OSError:
-                if not (versions / version).exists():
-                    raise
+        with registry_lock(registry):
+            while True:
+                version = f"v{_next_number(registry):04d}"
+                try:
+                    # Fails if a publisher without the lock (older code) took the name.
+                    os.rename(staging, versions / version)
+                    break
+                except OSError:
+                    if not (versions / version).exists():
+                        raise
+            if stage:
+                record(registry, "stage", version)
+            else:
+                move_current(registry, version, "publish")
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    pointer = registry / f".{CURRENT}.tmp"
-    pointer.write_text(version + "\n")
-    os.replace(pointer, registry / CURRENT)
     return version
+
+
+@contextlib.contextmanager
+def registry_lock(registry: Path) -> Iterator[None]:
+    """Held while `current` and the history change, so that two moves never interleave."""
+    with (registry / LOCK).open("a") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
+
+
+def move_current(registry: Path, version: str, action: str) -> None:
+    """Point `current` at `version` atomically, then log it; call with registry_lock held.
+    In this order, a crash between the two leaves a history that model.registry reconciles
+    with `current`, never a `current` the history does not lead to."""
+    _replace_text(registry / CURRENT, version + "\n")
+    record(registry, action, version)
+
+
+def record(registry: Path, action: str, version: str) -> None:
+    """Append `<UTC time> <action> <version>` to the history, atomically (a whole new file
+    replaces the old); call with registry_lock held."""
+    path = registry / HISTORY
+    before = path.read_text() if path.is_file() else ""
+    when = datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
+    _replace_text(path, f"{before}{when} {action} {checked_version(version)}\n")
+
+
+def history_lines(registry: Path) -> list[str]:
+    path = registry / HISTORY
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def _replace_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
 
 
 def current_version(registry: Path) -> str:
@@ -270,8 +323,12 @@ def _manifest_files(directory: Path) -> list[str]:
     return list(json.loads((directory / MANIFEST).read_text())["files"])
 
 
-def _next_number(versions: Path) -> int:
-    numbers = [int(p.name[1:]) for p in versions.glob("v[0-9]*") if p.name[1:].isdigit()]
+def _next_number(registry: Path) -> int:
+    """One more than any version present or ever logged: a removed version's name is never
+    given to another artifact (stored scenarios and replicas know versions by name)."""
+    names = [p.name for p in (registry / VERSIONS).glob("v[0-9]*")]
+    names += [line.split()[-1] for line in history_lines(registry) if line.strip()]
+    numbers = [int(name[1:]) for name in names if VERSION_PATTERN.fullmatch(name)]
     return max(numbers, default=0) + 1
 
 
