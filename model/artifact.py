@@ -54,6 +54,8 @@ MANIFEST = "manifest.json"
 CURRENT = "current"
 VERSIONS = "versions"
 HISTORY = "history"
+# History actions after which `current` names their version (model/registry.py).
+CURRENT_MOVES = ("publish", "promote", "rollback", "found")
 LOCK = ".lock"
 VERSION_PATTERN = re.compile(r"v[0-9]{4,9}")
 # What a publisher announces on the service's event channel (Redis pub/sub), so replicas load
@@ -262,7 +264,15 @@ def move_current(registry: Path, version: str, action: str) -> None:
     """Point `current` at `version` atomically, then log it; call with registry_lock held.
     In this order, a crash between the two leaves a history that model.registry reconciles
     with `current`, never a `current` the history does not lead to."""
-    _replace_text(registry / CURRENT, version + "\n")
+    pointer = registry / CURRENT
+    before = pointer.read_text().strip() if pointer.is_file() else None
+    lines = [line.split() for line in history_lines(registry)]
+    moves = [m for m in lines if len(m) == 3 and m[1] in CURRENT_MOVES]
+    if before and (not moves or moves[-1][2] != before):
+        # Written by older code, or a crash between the two writes: log it, so that a
+        # rollback can go back to it.
+        record(registry, "found", before)
+    _replace_text(pointer, version + "\n")
     record(registry, action, version)
 
 

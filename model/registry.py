@@ -4,7 +4,9 @@ list them, promote one to `current`, roll `current` back, remove one.
 The history file logs, one line each, `<UTC time> <action> <version>`:
 - `publish`: published and made current; `stage`: published, `current` left alone;
 - `promote`: made current; `rollback`: made current again by a rollback;
-- `remove`: removed (its name is never given to another artifact).
+- `remove`: removed (its name is never given to another artifact);
+- `found`: the version `current` named before a move when the history did not end with it
+  (written by older code, or a crash between the two writes).
 Replaying it gives the stack of versions that were current: publish and promote push,
 rollback pops back to the version it names. A rollback goes to the newest version below the
 top that is still present. A `current` the history does not end with (written by older code,
@@ -33,7 +35,7 @@ from model.artifact import (
 )
 from model.errors import ArtifactError
 
-PUSHES = ("publish", "promote")
+PUSHES = ("publish", "promote", "found")
 ACTIONS = (*PUSHES, "stage", "rollback", "remove")
 # The figures of metrics.json a listing shows (the rest is the training record).
 SUMMARY_METRICS = ("dataset", "variant", "seed", "best_step", "valid_recall@20")
@@ -223,3 +225,38 @@ def _summary(path: Path) -> tuple[dict[str, object], str | None]:
     if not isinstance(metrics, dict):
         return {}, f"{path}: not a JSON object"
     return {key: metrics[key] for key in SUMMARY_METRICS if key in metrics}, None
+
+
+@dataclass(frozen=True)
+class GcPlan:
+    kept: dict[str, list[str]]  # version: why, newest first
+    removed: list[str]  # oldest first
+
+
+def plan_gc(listed: list[VersionInfo], keep: int, used: dict[str, int]) -> GcPlan:
+    """Which versions `gc --keep N` removes: all but the N newest and, always, the current
+    one, the rollback target, every staged version newer than current (a rollout in
+    progress: promote would be refused once it is gone) and every version a stored scenario
+    uses (`used`: scenarios per version; pinned canaries among them)."""
+    current = next((int(i.version[1:]) for i in listed if i.current), None)
+    kept: dict[str, list[str]] = {}
+    removed = []
+    newest_first = sorted(listed, key=lambda info: int(info.version[1:]), reverse=True)
+    for rank, info in enumerate(newest_first):
+        reasons = []
+        if info.current:
+            reasons.append("current")
+        if info.rollback_target:
+            reasons.append("rollback target")
+        if info.staged and (current is None or int(info.version[1:]) > current):
+            reasons.append("staged, newer than current")
+        if used.get(info.version):
+            count = used[info.version]
+            reasons.append(f"used by {count} stored scenario{'s' if count > 1 else ''}")
+        if rank < keep:
+            reasons.append(f"among the {keep} newest")
+        if reasons:
+            kept[info.version] = reasons
+        else:
+            removed.append(info.version)
+    return GcPlan(kept=kept, removed=removed[::-1])

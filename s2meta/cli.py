@@ -1,9 +1,11 @@
-"""Dispatch `s2meta COMMAND ...` to the service or the offline job."""
+"""Dispatch `s2meta COMMAND ...` to the service, the registry commands or the offline job."""
 
 import sys
 from collections.abc import Sequence
 
 EXIT_USAGE = 2
+# s2meta/registry_cli.py's commands, dispatched here without importing it.
+REGISTRY_COMMANDS = ("versions", "promote", "rollback", "gc")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -12,6 +14,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from service.cli import main as serve
 
         return serve(args[1:])
+    if args[:1] and args[0] in REGISTRY_COMMANDS:
+        # Operations on a running install: the serving image has them too (no training stack).
+        from s2meta.registry_cli import main as registry
+
+        return registry(args)
     try:
         from meta_training.cli import main as offline
     except ImportError as error:
