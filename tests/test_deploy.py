@@ -1,7 +1,7 @@
-"""docker/, docker-compose.yml and deploy/ validated offline: the compose file through the
-compose binary and the compose-spec schema, every Dockerfile through hadolint, the Kubernetes
-overlays rendered by `kubectl kustomize` and checked by kubernetes-validate --strict, and what
-each must contain."""
+"""deploy/ validated offline: the overlays rendered by `kubectl kustomize` and checked by
+kubernetes-validate --strict, and what they must contain: a base that re-applies as a no-op
+(no bare Job), patches by name, hashed Secrets and ConfigMaps that every reference names, and
+Redis behind a password from a Secret. docker/ and compose: tests/test_compose.py."""
 
 import re
 import shutil
@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import compose_config
 
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
 OVERLAYS = ["base", "overlays/local", "overlays/gpu"]
 
 
@@ -25,88 +23,12 @@ def run(*command: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
 
 
-def test_compose_file_is_valid_for_every_profile(stack):
-    for profiles in ((), ("train",), ("gpu",), ("train", "gpu")):
-        compose_config(stack, *profiles)
-    done = run(
-        str(BIN / "check-jsonschema"),
-        "--builtin-schema",
-        "vendor.compose-spec",
-        str(ROOT / "docker-compose.yml"),
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
-def test_compose_stack_wiring(stack):
-    services = compose_config(stack, "train", "gpu")["services"]
-    assert set(services) == {"redis", "api", "api-gpu", "trainer", "trainer-gpu", "prometheus"}
-    redis = services["redis"]
-    assert redis["command"][1:] == ["--appendonly", "yes", "--appendfsync", "always"]
-    assert redis["healthcheck"]["test"][-1] == "ping"
-    assert any(v["target"] == "/data" and v["type"] == "volume" for v in redis["volumes"])
-    for name in ("api", "api-gpu"):
-        api = services[name]
-        assert api["depends_on"]["redis"]["condition"] == "service_healthy"
-        registry = next(v for v in api["volumes"] if v["target"] == "/registry")
-        assert registry["read_only"] is True
-        assert api["environment"]["S2META_ADMIN_TOKEN"]  # from .env
-        assert api["environment"]["S2META_REDIS_URL"] == "redis://redis:6379/0"
-    for name in ("trainer", "trainer-gpu"):
-        trainer = services[name]
-        registry = next(v for v in trainer["volumes"] if v["target"] == "/registry")
-        assert not registry.get("read_only", False)
-        assert trainer["command"] == ["sh", "docker/train.sh"]
-    for name in ("api-gpu", "trainer-gpu"):
-        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
-        assert devices[0]["capabilities"] == ["gpu"]
-    default = compose_config(stack)["services"]
-    assert set(default) == {"redis", "api", "prometheus"}  # the CPU stack needs no GPU
-    assert not any("deploy" in service for service in default.values())
-    for service in services.values():
-        assert re.match(r"v?\d+\.\d+", service["image"].partition(":")[2]), service["image"]
-    scrape = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
-    targets = [
-        t for job in scrape["scrape_configs"] for s in job["static_configs"] for t in s["targets"]
-    ]
-    assert "api:8000" in targets and "api-gpu:8000" in targets
-
-
-def test_secrets_come_from_an_uncommitted_env_file():
-    tracked = run("git", "ls-files").stdout.split()
-    assert ".env.example" in tracked and ".env" not in tracked
-    assert "deploy/base/secrets/admin.env.example" in tracked
-    assert "deploy/base/secrets/admin.env" not in tracked
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    assert compose["x-api"]["env_file"] == ".env"
-
-
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_dockerfiles_pass_hadolint_and_follow_the_rules(dockerfile):
-    done = run(str(BIN / "hadolint"), str(dockerfile))
-    assert done.returncode == 0, done.stdout + done.stderr
-    text = dockerfile.read_text()
-    stages = re.split(r"^FROM ", text, flags=re.M)[1:]
-    assert len(stages) >= 2, "multi-stage build"
-    final = stages[-1]
-    assert re.search(r"^USER 10001:10001$", final, re.M), "non-root user in the final stage"
-    assert "HEALTHCHECK" in final
-    assert not re.search(r"\b(g\+\+|gcc|build-essential|python3-dev)\b", final)
-    for image in re.findall(r"^ARG \w+_IMAGE=(\S+)$", text, re.M):
-        assert re.match(r"v?\d+\.\d+", image.partition(":")[2]), f"{image}: pin a version"
-
-
-def test_dockerignore_keeps_secrets_and_local_state_out():
-    ignored = (ROOT / ".dockerignore").read_text().split()
-    for entry in (".git", ".venv", ".env", "runs", "tests"):
-        assert entry in ignored
-
-
 def operator_copy(directory: Path) -> Path:
-    """deploy/ as an operator has it after creating the admin env file."""
+    """deploy/ as an operator has it after creating the secrets' env files."""
     root = directory / "deploy"
     shutil.copytree(ROOT / "deploy", root)
-    secrets = root / "base" / "secrets"
-    shutil.copy(secrets / "admin.env.example", secrets / "admin.env")
+    for example in (root / "base" / "secrets").glob("*.env.example"):
+        shutil.copy(example, example.with_suffix(""))
     return root
 
 
@@ -150,11 +72,15 @@ def generated(resources: list[dict], kind: str, name: str) -> dict:
     return found
 
 
-def pod_spec(resource: dict) -> dict:
+def pod_template(resource: dict) -> dict:
     spec = resource["spec"]
     if resource["kind"] == "CronJob":
         spec = spec["jobTemplate"]["spec"]
-    return spec["template"]["spec"]
+    return spec["template"]
+
+
+def pod_spec(resource: dict) -> dict:
+    return pod_template(resource)["spec"]
 
 
 def test_base_has_every_piece_the_issue_names(rendered):
@@ -166,13 +92,13 @@ def test_base_has_every_piece_the_issue_names(rendered):
         ("HorizontalPodAutoscaler", "s2meta-api"),
         ("PodDisruptionBudget", "s2meta-api"),
         ("PersistentVolumeClaim", "s2meta-registry"),
-        ("Job", "s2meta-trainer"),
         ("CronJob", "s2meta-trainer"),
         ("StatefulSet", "s2meta-redis"),
         ("NetworkPolicy", "s2meta-redis"),
     }
     assert generated(base, "ConfigMap", "s2meta-config")
     assert generated(base, "Secret", "s2meta-admin")
+    assert generated(base, "Secret", "s2meta-redis")
     assert all(r["metadata"].get("namespace") == "s2meta" for r in base if r["kind"] != "Namespace")
     registry = by_kind(base, "PersistentVolumeClaim", "s2meta-registry")
     assert registry["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -183,10 +109,34 @@ def test_base_has_every_piece_the_issue_names(rendered):
     assert container["resources"]["requests"] and container["resources"]["limits"]
     assert api["spec"]["strategy"]["type"] == "RollingUpdate"
     assert "podAntiAffinity" in pod_spec(api)["affinity"]
-    for kind in ("Job", "CronJob"):
-        trainer = pod_spec(by_kind(base, kind, "s2meta-trainer"))["containers"][0]
-        assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 1
-        assert trainer["args"] == ["sh", "docker/train.sh"]
+    trainer = pod_spec(by_kind(base, "CronJob", "s2meta-trainer"))["containers"][0]
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert trainer["args"] == ["sh", "docker/train.sh"]
+
+
+def test_the_base_applies_again_as_a_no_op(tmp_path):
+    """A GitOps sync re-applies the rendered base: it must render identically every time and
+    hold no bare Job (immutable once created; the first training is created from the
+    CronJob, deploy/README.md)."""
+    root = operator_copy(tmp_path)
+    first, second = kustomize(root / "base"), kustomize(root / "base")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    for overlay in OVERLAYS:
+        kinds = {r["kind"] for r in render(root / overlay)}
+        assert "Job" not in kinds and "Pod" not in kinds, overlay
+
+
+@pytest.mark.parametrize("overlay", ["overlays/local", "overlays/gpu"])
+def test_patches_address_list_entries_by_name(overlay):
+    """Strategic merge patches only: a JSON patch path with a list index (`env/2/value`)
+    silently hits another entry when the list changes."""
+    kustomization = yaml.safe_load((ROOT / "deploy" / overlay / "kustomization.yaml").read_text())
+    assert "patchesJson6902" not in kustomization
+    for entry in kustomization["patches"]:
+        patch = yaml.safe_load(entry["patch"])
+        assert isinstance(patch, dict) and patch["kind"], entry  # not a list of JSON ops
+        assert not re.search(r"/\d+(/|$)", entry["patch"])
 
 
 def test_only_the_api_and_the_trainer_reach_redis(rendered):
@@ -199,21 +149,23 @@ def test_only_the_api_and_the_trainer_reach_redis(rendered):
     (expression,) = rule["from"][0]["podSelector"]["matchExpressions"]
     allowed = set(expression["values"])
     clients = {
-        by_kind(base, kind, name)["spec"]["template"]["metadata"]["labels"][expression["key"]]
-        for kind, name in (("Deployment", "s2meta-api"), ("Job", "s2meta-trainer"))
+        pod_template(by_kind(base, kind, name))["metadata"]["labels"][expression["key"]]
+        for kind, name in (("Deployment", "s2meta-api"), ("CronJob", "s2meta-trainer"))
     }
     assert allowed == clients
 
 
 def test_overlays_local_cpu_and_gpu(rendered):
     local, gpu = rendered["overlays/local"], rendered["overlays/gpu"]
-    for kind in ("Job", "CronJob"):
-        trainer = pod_spec(by_kind(local, kind, "s2meta-trainer"))["containers"][0]
-        assert "nvidia.com/gpu" not in trainer["resources"]["limits"]
-        env = {e["name"]: e.get("value") for e in trainer["env"]}
-        assert env["S2META_TRAIN_DEVICE"] == "cpu" and env["S2META_TRAIN_STEPS"] == "60"
-        gpu_pod = pod_spec(by_kind(gpu, kind, "s2meta-trainer"))
-        assert gpu_pod["nodeSelector"] and gpu_pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    trainer = pod_spec(by_kind(local, "CronJob", "s2meta-trainer"))["containers"][0]
+    assert "nvidia.com/gpu" not in trainer["resources"]["limits"]
+    env = {e["name"]: e.get("value") for e in trainer["env"]}
+    assert env["S2META_TRAIN_DEVICE"] == "cpu" and env["S2META_TRAIN_STEPS"] == "60"
+    # Patched by name: the other entries are kept, once each.
+    base_trainer = pod_spec(by_kind(rendered["base"], "CronJob", "s2meta-trainer"))
+    assert sorted(env) == sorted(e["name"] for e in base_trainer["containers"][0]["env"])
+    gpu_pod = pod_spec(by_kind(gpu, "CronJob", "s2meta-trainer"))
+    assert gpu_pod["nodeSelector"] and gpu_pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     local_api = by_kind(local, "Deployment", "s2meta-api")
     assert local_api["spec"]["replicas"] == 1
     assert pod_spec(local_api)["containers"][0]["image"] == "s2meta-api:0.1.0"
@@ -232,6 +184,9 @@ def test_the_configmap_sets_only_real_settings(rendered):
         data = generated(rendered[overlay], "ConfigMap", "s2meta-config")["data"]
         assert set(data) <= known, set(data) - known
         assert data["S2META_WORKERS"] == "1"
+        for secret in ("s2meta-admin", "s2meta-redis"):
+            keys = set(generated(rendered[overlay], "Secret", secret)["data"])
+            assert keys <= known, keys - known
 
 
 def references(node: object) -> set[tuple[str, str]]:
@@ -259,39 +214,73 @@ def test_every_reference_names_a_generated_hashed_object(rendered, overlay):
     resources = rendered[overlay]
     config = generated(resources, "ConfigMap", "s2meta-config")["metadata"]["name"]
     admin = generated(resources, "Secret", "s2meta-admin")["metadata"]["name"]
-    assert references(resources) == {("ConfigMap", config), ("Secret", admin)}
+    password = generated(resources, "Secret", "s2meta-redis")["metadata"]["name"]
+    assert references(resources) == {
+        ("ConfigMap", config),
+        ("Secret", admin),
+        ("Secret", password),
+    }
     api = pod_spec(by_kind(resources, "Deployment", "s2meta-api"))["containers"][0]
-    assert api["envFrom"] == [{"configMapRef": {"name": config}}, {"secretRef": {"name": admin}}]
-    for kind in ("Job", "CronJob"):
-        trainer = pod_spec(by_kind(resources, kind, "s2meta-trainer"))["containers"][0]
-        assert references(trainer) == {("ConfigMap", config)}
+    assert api["envFrom"] == [
+        {"configMapRef": {"name": config}},
+        {"secretRef": {"name": admin}},
+        {"secretRef": {"name": password}},
+    ]
+    trainer = pod_spec(by_kind(resources, "CronJob", "s2meta-trainer"))["containers"][0]
+    assert references(trainer) == {("ConfigMap", config), ("Secret", password)}
+    redis = pod_spec(by_kind(resources, "StatefulSet", "s2meta-redis"))["containers"][0]
+    assert references(redis) == {("Secret", password)}
 
 
-def test_a_changed_setting_or_token_rolls_the_api_pods(tmp_path):
-    """The API's pod template names the ConfigMap and the Secret by their content hashes, so
-    editing either changes the template, and the Deployment rolls its pods."""
+def test_redis_requires_the_password_of_its_secret(rendered):
+    base = rendered["base"]
+    secret = generated(base, "Secret", "s2meta-redis")
+    assert set(secret["data"]) == {"S2META_REDIS_PASSWORD"}
+    source = {"secretKeyRef": {"name": secret["metadata"]["name"], "key": "S2META_REDIS_PASSWORD"}}
+    redis = pod_spec(by_kind(base, "StatefulSet", "s2meta-redis"))["containers"][0]
+    env = {e["name"]: e for e in redis["env"]}
+    # Kubernetes expands $(REDIS_PASSWORD) in args from the container's env.
+    assert redis["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    assert env["REDIS_PASSWORD"]["valueFrom"] == source
+    assert env["REDISCLI_AUTH"]["valueFrom"] == source  # the probes' redis-cli
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert "grep -q PONG" in redis[probe]["exec"]["command"][-1]  # NOAUTH exits 0 too
+    trainer = pod_spec(by_kind(base, "CronJob", "s2meta-trainer"))["containers"][0]
+    trainer_env = {e["name"]: e for e in trainer["env"]}
+    assert trainer_env["S2META_REDIS_PASSWORD"]["valueFrom"] == source
+
+
+def test_a_changed_setting_token_or_password_rolls_the_pods_that_use_it(tmp_path):
+    """Pod templates name the ConfigMap and the Secrets by their content hashes, so editing
+    one changes the templates that use it, and those roll their pods."""
     root = operator_copy(tmp_path)
 
-    def api_sources() -> list[str]:
-        api = by_kind(render(root / "overlays" / "local"), "Deployment", "s2meta-api")
-        sources = pod_spec(api)["containers"][0]["envFrom"]
-        return [next(iter(source.values()))["name"] for source in sources]
+    def sources() -> tuple[list[str], set[tuple[str, str]]]:
+        resources = render(root / "overlays" / "local")
+        api = pod_spec(by_kind(resources, "Deployment", "s2meta-api"))["containers"][0]
+        redis = pod_spec(by_kind(resources, "StatefulSet", "s2meta-redis"))["containers"][0]
+        return [next(iter(s.values()))["name"] for s in api["envFrom"]], references(redis)
 
-    config, admin = api_sources()
+    (config, admin, password), redis = sources()
     env = root / "base" / "config.env"
     env.write_text(env.read_text().replace("S2META_ADAPT_QUEUE=8", "S2META_ADAPT_QUEUE=16"))
-    new_config, same_admin = api_sources()
-    assert new_config != config and same_admin == admin
+    (new_config, *same), same_redis = sources()
+    assert new_config != config and same == [admin, password] and same_redis == redis
     (root / "base" / "secrets" / "admin.env").write_text("S2META_ADMIN_TOKEN=rotated-token\n")
-    same_config, new_admin = api_sources()
-    assert same_config == new_config and new_admin != admin
+    (_, new_admin, same_password), same_redis = sources()
+    assert new_admin != admin and same_password == password and same_redis == redis
+    (root / "base" / "secrets" / "redis.env").write_text("S2META_REDIS_PASSWORD=rotated\n")
+    (*_, new_password), new_redis = sources()
+    # Redis restarts with the new password, and the API with it.
+    assert new_password != password and new_redis == {("Secret", new_password)}
 
 
-def test_rendering_needs_the_admin_env_file(tmp_path):
-    root = tmp_path / "deploy"
-    shutil.copytree(ROOT / "deploy", root, ignore=shutil.ignore_patterns("admin.env"))
+@pytest.mark.parametrize("name", ["admin", "redis"])
+def test_rendering_needs_each_secret_env_file(tmp_path, name):
+    root = operator_copy(tmp_path)
+    (root / "base" / "secrets" / f"{name}.env").unlink()
     done = kustomize(root / "overlays" / "local")
-    assert done.returncode != 0 and "secrets/admin.env" in done.stderr
+    assert done.returncode != 0 and f"secrets/{name}.env" in done.stderr
 
 
 def test_readmes_describe_these_files():
@@ -305,5 +294,11 @@ def test_readmes_describe_these_files():
         "kubectl apply -k deploy/overlays/local",
     ):
         assert command in readme, command
-    for command in ("kubectl apply -k deploy/overlays/gpu", "scale deployment", "create job"):
+    for command in (
+        "kubectl apply -k deploy/overlays/gpu",
+        "scale deployment",
+        "create job --from=cronjob/s2meta-trainer",
+        "cp deploy/base/secrets/redis.env.example deploy/base/secrets/redis.env",
+        "rediss://",
+    ):
         assert command in deploy_readme, command
