@@ -20,6 +20,7 @@ from meta_training.cli_commands import (
 from meta_training.cli_options import add_data_options, add_training_options
 from meta_training.config import ProtocolConfig
 from meta_training.errors import S2MetaError
+from meta_training.gate import DEFAULT_MARGIN
 from meta_training.methods import BASELINES
 from meta_training.registry import METHODS
 from meta_training.train_job import AUTO
@@ -127,10 +128,40 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("S2META_NAMESPACE", "s2meta"),
         help="the service's key namespace (default $S2META_NAMESPACE, else s2meta)",
     )
+    publish_cmd.add_argument(
+        "--stage",
+        action="store_true",
+        help="write the version without making it current (s2meta promote does that later)",
+    )
+    publish_cmd.add_argument(
+        "--gate",
+        action="store_true",
+        help="first score the artifact and the current version on the same meta-valid "
+        "scenarios (needs --data); refuse with exit code 2 if its Recall@20 is lower by "
+        "more than --margin",
+    )
+    publish_cmd.add_argument(
+        "--margin",
+        type=float,
+        metavar="M",
+        help=f"with --gate: the absolute Recall@20 drop allowed (default {DEFAULT_MARGIN})",
+    )
+    publish_cmd.add_argument(
+        "--data",
+        type=Path,
+        help="with --gate: the data both artifacts were trained on (as for s2meta train)",
+    )
     publish_cmd.set_defaults(run=run_publish)
 
     # Dispatched by s2meta.cli before this parser runs; listed here for --help.
     commands.add_parser("serve", help="run the online service (s2meta serve --help)")
+    for name, text in (
+        ("versions", "list a registry's versions"),
+        ("promote", "make a version current"),
+        ("rollback", "make the previous version current again"),
+        ("gc", "remove old unused versions"),
+    ):
+        commands.add_parser(name, help=text)
 
     trace_cmd = commands.add_parser(
         "trace", help="plot one scenario's adaptation (the paper's Figure 2) as a PNG"

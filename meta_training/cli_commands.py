@@ -1,8 +1,10 @@
 """What each `s2meta` subcommand does once its flags are parsed (the parser is in `cli.py`):
-prepare, train, publish, trace, evaluate and export-tabular. Each returns the exit code."""
+prepare, train, publish (its gate is in `gate.py`), trace, evaluate and export-tabular.
+Each returns the exit code."""
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,11 +17,13 @@ from meta_training.config import EmbeddingConfig, ProtocolConfig, Settings, Supp
 from meta_training.dataset import load_dataset, write_tabular
 from meta_training.errors import SettingsError
 from meta_training.evaluate import evaluate, write_results
+from meta_training.gate import DEFAULT_MARGIN, GateRefusedError, gate
 from meta_training.prepare import Prepared, prepare
 from meta_training.registry import METHODS
 from meta_training.trace import trace_scenario
 from meta_training.train_job import AUTO, process_group, resolve_device, train_artifact
 from model.artifact import PUBLISHED_EVENT, events_channel, publish
+from model.registry import current_or_none
 
 PREPARE_STAGES = 4  # read, protocol, pretrain, save (or: read, load cache)
 
@@ -129,17 +133,58 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_publish(args: argparse.Namespace) -> int:
-    version = publish(args.artifact, args.registry)
+    if not args.gate and (args.margin is not None or args.data is not None):
+        raise SettingsError("--margin and --data apply only with --gate")
+    if args.gate:
+        _run_gate(args)
+    version = publish(args.artifact, args.registry, stage=args.stage)
     print(version)
+    if args.stage:
+        # Nothing for the replicas to load: current has not moved.
+        print(f"staged {version}; current is unchanged (s2meta promote {version})", file=sys.stderr)
+        return 0
     if args.notify:
         event = json.dumps({"type": PUBLISHED_EVENT, "version": version})
         try:
-            with redis.Redis.from_url(args.notify, socket_timeout=5) as client:
+            with _redis_client(args.notify) as client:
                 client.publish(events_channel(args.namespace), event)
         except redis.RedisError as error:
             # Published all the same: replicas pick it up at their next registry poll.
             print(f"s2meta: warning: could not notify replicas: {error}", file=sys.stderr)
     return 0
+
+
+def _run_gate(args: argparse.Namespace) -> None:
+    """Raise GateRefusedError (exit 2, nothing published) unless the artifact passes the gate."""
+    if args.data is None:
+        raise SettingsError(
+            "--gate needs --data: the data the artifacts were trained on (their metrics.json "
+            "records its name, seed and protocol, not its location)"
+        )
+    margin = DEFAULT_MARGIN if args.margin is None else args.margin
+    result = gate(args.artifact, args.registry, args.data, margin)
+    message = result.message(str(args.artifact))
+    if not result.passed:
+        raise GateRefusedError(message)
+    # Another publisher may have moved current while we scored: compare again, not publish.
+    if current_or_none(args.registry) != result.current_version:
+        raise GateRefusedError(
+            f"gate: current moved from {result.current_version} to "
+            f"{current_or_none(args.registry)} while scoring; nothing published (run it again)"
+        )
+    print(message, file=sys.stderr)
+
+
+def _redis_client(url: str) -> redis.Redis:
+    """The Redis the replicas listen on, with the password and CA file of their settings."""
+    ca_file = os.environ.get("S2META_REDIS_TLS_CA_FILE")
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=5,
+        password=os.environ.get("S2META_REDIS_PASSWORD") or None,
+        # Only with a CA file: a plain redis:// connection rejects the keyword.
+        **({"ssl_ca_certs": ca_file} if ca_file else {}),
+    )
 
 
 def run_trace(args: argparse.Namespace) -> int:
