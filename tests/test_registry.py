@@ -3,9 +3,11 @@ and `s2meta versions | promote | rollback | gc` with their exit codes; gc never 
 current version, the rollback target, a staged rollout or a version a stored scenario uses."""
 
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,14 @@ from conftest import REDIS_URL, ROOT, needs_redis
 
 from model.artifact import HISTORY, PUBLISHED_EVENT, current_version, events_channel, publish
 from model.errors import ArtifactError
-from model.registry import list_versions, promote, remove_version, rollback, rollback_target
+from model.registry import (
+    history,
+    list_versions,
+    promote,
+    remove_version,
+    rollback,
+    rollback_target,
+)
 from s2meta.cli import main
 from service.store import RedisStore, ScenarioState
 
@@ -92,6 +101,27 @@ def test_unknown_corrupt_and_current_versions_are_refused(artifact, registry):
     with pytest.raises(ArtifactError, match="sha256"):
         promote(registry, "v0002")
     assert current_version(registry) == "v0001"
+
+
+def test_concurrent_moves_keep_current_and_the_history_consistent(artifact, registry):
+    published(artifact, registry, 3, stage=True)  # v0002..v0004
+
+    def move(n: int) -> str:
+        if n % 3 == 2:
+            return publish(artifact, registry)
+        return promote(registry, f"v{n % 3 + 2:04d}")
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(move, range(12)))
+    lines = (registry / HISTORY).read_text().splitlines()
+    moves = [line.split()[2] for line in lines if line.split()[1] in ("publish", "promote")]
+    # Logged in the order `current` took them (the last one is current), each a real move:
+    # promoting the current version logs nothing, which holds only if moves never interleave.
+    assert moves[-1] == current_version(registry)
+    assert all(a != b for a, b in itertools.pairwise(moves))
+    assert len(history(registry)) == len(lines)
+    published_versions = [line.split()[2] for line in lines if line.split()[1] == "publish"]
+    assert len(set(published_versions)) == len(published_versions) == 5
 
 
 def test_a_removed_version_name_is_never_reused(artifact, registry):
