@@ -17,21 +17,17 @@ A registry is a directory of published versions, `versions/<version>/`, and a `c
 file naming one; publishing copies the artifact in under a temporary name, renames it into
 place, and only then replaces `current` (atomically), so readers never see a partial one.
 A staged publication leaves `current` alone. A `history` file logs every publication and
-every move of `current` (model/registry.py reads it: promote, roll back, list, remove); the
-moves are serialised by a lock file, `.lock`.
+every move of `current`, serialised by a lock file, `.lock` (model/history.py); the
+operations on versions (promote, roll back, list, remove) are model/registry.py's.
 """
 
-import contextlib
 import dataclasses
-import datetime
-import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +35,15 @@ from pydantic import TypeAdapter, ValidationError
 from safetensors.torch import load_file, save_file
 
 from model.errors import ArtifactError
+from model.history import (
+    CURRENT,
+    VERSION_PATTERN,
+    checked_version,
+    history_lines,
+    move_current,
+    record,
+    registry_lock,
+)
 from model.ids import IdTable, map_index, map_safetensors, mapped_tensor, save_index
 from model.inner_loss import Tables
 from model.learner_config import LearnerConfig
@@ -51,13 +56,7 @@ COMMON_FILES = ("embeddings.safetensors", "ids.json", "config.json", "metrics.js
 # older artifacts stay readable both ways (older code hashes it and reads ids.json).
 IDS_INDEX = "ids.safetensors"
 MANIFEST = "manifest.json"
-CURRENT = "current"
 VERSIONS = "versions"
-HISTORY = "history"
-# History actions after which `current` names their version (model/registry.py).
-CURRENT_MOVES = ("publish", "promote", "rollback", "found")
-LOCK = ".lock"
-VERSION_PATTERN = re.compile(r"v[0-9]{4,9}")
 # What a publisher announces on the service's event channel (Redis pub/sub), so replicas load
 # a new version at once instead of at their next registry poll.
 PUBLISHED_EVENT = "meta_learner_published"
@@ -249,69 +248,11 @@ def publish(artifact_dir: Path, registry: Path, stage: bool = False) -> str:
     return version
 
 
-@contextlib.contextmanager
-def registry_lock(registry: Path) -> Iterator[None]:
-    """Held while `current` and the history change, so that two moves never interleave."""
-    with (registry / LOCK).open("a") as file:
-        fcntl.flock(file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(file, fcntl.LOCK_UN)
-
-
-def move_current(registry: Path, version: str, action: str) -> None:
-    """Point `current` at `version` atomically, then log it; call with registry_lock held.
-    In this order, a crash between the two leaves a history that model.registry reconciles
-    with `current`, never a `current` the history does not lead to."""
-    pointer = registry / CURRENT
-    before = pointer.read_text().strip() if pointer.is_file() else None
-    lines = [line.split() for line in history_lines(registry)]
-    moves = [m for m in lines if len(m) == 3 and m[1] in CURRENT_MOVES]
-    if before and (not moves or moves[-1][2] != before):
-        # Written by older code, or a crash between the two writes: log it, so that a
-        # rollback can go back to it.
-        record(registry, "found", before)
-    _replace_text(pointer, version + "\n")
-    record(registry, action, version)
-
-
-def record(registry: Path, action: str, version: str) -> None:
-    """Append `<UTC time> <action> <version>` to the history, atomically (a whole new file
-    replaces the old); call with registry_lock held."""
-    path = registry / HISTORY
-    before = path.read_text() if path.is_file() else ""
-    when = datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
-    _replace_text(path, f"{before}{when} {action} {checked_version(version)}\n")
-
-
-def history_lines(registry: Path) -> list[str]:
-    path = registry / HISTORY
-    return path.read_text().splitlines() if path.is_file() else []
-
-
-def _replace_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
 def current_version(registry: Path) -> str:
     pointer = registry / CURRENT
     if not pointer.is_file():
         raise ArtifactError(f"{registry}: no published meta learner ({CURRENT} is missing)")
     return checked_version(pointer.read_text().strip())
-
-
-def checked_version(version: str) -> str:
-    """A version name as publishing makes them (vNNNN); anything else, such as a path that
-    would lead out of the registry, is an ArtifactError."""
-    if not VERSION_PATTERN.fullmatch(version):
-        raise ArtifactError(f"{version[:80]!r} is not a version name (vNNNN)")
-    return version
 
 
 def load_current(registry: Path) -> tuple[str, Artifact]:

@@ -21,22 +21,22 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from model.artifact import (
+from model.artifact import VERSIONS, verify_artifact
+from model.errors import ArtifactError
+from model.history import (
     CURRENT,
+    CURRENT_MOVES,
     HISTORY,
     VERSION_PATTERN,
-    VERSIONS,
     checked_version,
     history_lines,
     move_current,
     record,
     registry_lock,
-    verify_artifact,
 )
-from model.errors import ArtifactError
 
 PUSHES = ("publish", "promote", "found")
-ACTIONS = (*PUSHES, "stage", "rollback", "remove")
+ACTIONS = (*CURRENT_MOVES, "stage", "remove")
 # The figures of metrics.json a listing shows (the rest is the training record).
 SUMMARY_METRICS = ("dataset", "variant", "seed", "best_step", "valid_recall@20")
 
@@ -134,7 +134,7 @@ def list_versions(registry: Path) -> list[VersionInfo]:
     current = current_or_none(registry)
     target = rollback_target(registry, entries)
     published = {e.version: e.when for e in entries if e.action in ("publish", "stage")}
-    was_current = {e.version for e in entries if e.action in (*PUSHES, "rollback")}
+    was_current = {e.version for e in entries if e.action in CURRENT_MOVES}
     staged = {e.version for e in entries if e.action == "stage"} - was_current
     listed = []
     for name in names:

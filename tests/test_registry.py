@@ -14,8 +14,9 @@ import pytest
 import redis
 from conftest import REDIS_URL, ROOT, needs_redis
 
-from model.artifact import HISTORY, PUBLISHED_EVENT, current_version, events_channel, publish
+from model.artifact import PUBLISHED_EVENT, current_version, events_channel, publish
 from model.errors import ArtifactError
+from model.history import HISTORY
 from model.registry import (
     history,
     list_versions,
