@@ -30,10 +30,13 @@ from benchmarks.report import write_report
 
 
 def readaptations(base_url: str) -> float:
-    for line in httpx.get(f"{base_url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("s2meta_readaptations_total "):
-            return float(line.split()[1])
-    return 0.0
+    """Scenarios moved to the current meta learner, adapted or reused."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    return sum(
+        float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("s2meta_readaptations_total{")
+    )
 
 
 def time_readaptation(stack: Stack, count: int, timeout_s: float) -> float:

@@ -29,16 +29,23 @@ class Registration:
     candidates: list[str]
     variant: str | None
     seed: int
+    pinned: bool = False  # kept on its meta learner through promotions (a canary)
 
     def fingerprint(self, meta_learner: str, variant: str) -> str:
         """What makes an adaptation the same as another: the registration, the variant it
         resolves to and the meta learner (an identical re-post is answered from the store)."""
         identity = [self.interactions, self.candidates, variant, self.seed, meta_learner]
+        if self.pinned:  # so that a re-post without the pin is not the same
+            identity.append("pinned")
         return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
 def registration(
-    interactions: list[tuple[str, str]], candidates: list[str], variant: str | None, seed: int
+    interactions: list[tuple[str, str]],
+    candidates: list[str],
+    variant: str | None,
+    seed: int,
+    pinned: bool = False,
 ) -> Registration:
     """Deduplicate (a repeated interaction or candidate counts once) and check that every
     interaction's item is a candidate."""
@@ -50,7 +57,7 @@ def registration(
             f"{len(outside)} interaction item(s) are not among the candidates, e.g. "
             f"{outside[:5]}: the candidates are the scenario's item pool"
         )
-    return Registration(list(dict.fromkeys(interactions)), pool, variant, seed)
+    return Registration(list(dict.fromkeys(interactions)), pool, variant, seed, pinned)
 
 
 @dataclass(frozen=True)
@@ -195,6 +202,7 @@ def _record(
         },
         "duration_ms": duration_ms,
         "fingerprint": registration.fingerprint(loaded.version, variant),
+        "pinned": registration.pinned,
     }
     return ScenarioState(
         meta=meta,

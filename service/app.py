@@ -90,7 +90,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.admin_token is None:
             logger.warning("S2META_ADMIN_TOKEN is unset: the admin routes are open to anyone")
         store = traced_store(
-            open_store(settings.redis_url, settings.namespace, settings.redis_timeout_s),
+            open_store(
+                settings.redis_url,
+                settings.namespace,
+                settings.redis_timeout_s,
+                password=settings.redis_password,
+                tls_ca_file=settings.redis_tls_ca_file,
+            ),
             app.state.tracer,
         )
         learners = MetaLearners(settings.registry, resolve_device(settings.device))

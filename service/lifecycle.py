@@ -12,7 +12,7 @@ from service.adaptation import Registration, adapt_registrations
 from service.errors import AdaptationInputError, StoreError
 from service.learners import LoadedVersion
 from service.scenarios import ScenarioService
-from service.store import SCENARIO_EVENT, SUBSCRIBED_EVENT, StoredScenario
+from service.store import SCENARIO_EVENT, SUBSCRIBED_EVENT, ScenarioState, StoredScenario
 from service.writes import Adapted
 
 logger = logging.getLogger(__name__)
@@ -43,11 +43,14 @@ class MetaLearnerLifecycle:
         ]
 
     async def stop(self) -> None:
+        # Cancelled again until done: redis-py can swallow a cancellation that lands inside a
+        # command, and the loop would then wait out a whole poll interval.
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.1)
+            if not task.cancelled() and task.exception() is not None:
+                logger.error("%s ended with an error", task.get_name(), exc_info=task.exception())
 
     async def refresh(self) -> str | None:
         """Load the registry's current meta learner if it is new, and tell the other
@@ -125,7 +128,7 @@ class MetaLearnerLifecycle:
             stale = [
                 str(meta["scenario"])
                 async for meta in self._all_meta()
-                if meta["meta_learner"] != current.version
+                if meta["meta_learner"] != current.version and not meta.get("pinned")
             ]
             self.metrics.readapt_backlog.set(len(stale))
             todo = [s for s in stale if (s, current.version) not in self._failed_readapts]
@@ -136,7 +139,7 @@ class MetaLearnerLifecycle:
             backlog = 0
             async for meta in self._all_meta():
                 referenced.add(str(meta["meta_learner"]))
-                backlog += meta["meta_learner"] != current.version
+                backlog += meta["meta_learner"] != current.version and not meta.get("pinned")
             self.metrics.readapt_backlog.set(backlog)
             dropped = self.learners.retain(referenced | self.service.cache.versions())
             if dropped:
@@ -166,6 +169,7 @@ class MetaLearnerLifecycle:
         self, work: list[tuple[str, StoredScenario]], current: LoadedVersion
     ) -> None:
         registrations = []
+        reused: dict[str, ScenarioState] = {}
         for scenario_id, stored in work:
             meta = stored.state.meta
             variant = str(meta["variant"])
@@ -175,12 +179,24 @@ class MetaLearnerLifecycle:
                 variant=variant if variant in current.artifact.learners else None,
                 seed=int(meta["seed"]),  # type: ignore[call-overload]
             )
-            registrations.append((scenario_id, registered))
+            # Back to a meta learner this scenario was adapted with (a rollback): the record
+            # it had then, if the registration is still the same, instead of adapting again.
+            previous = await self.store.get_previous(scenario_id)
+            resolved = registered.variant or current.artifact.default_variant
+            if previous is not None and previous.meta.get("fingerprint") == (
+                registered.fingerprint(current.version, resolved)
+            ):
+                reused[scenario_id] = previous
+            else:
+                registrations.append((scenario_id, registered))
 
         def run() -> list[Adapted]:
             return adapt_registrations(current, registrations, self.settings.min_interactions)
 
-        outcomes = await self.service.writes.run_adaptations(run, trigger="reload")
+        writes = self.service.writes
+        ran = await writes.run_adaptations(run, "reload", current.version) if registrations else []
+        adapted = iter(ran)
+        outcomes = [reused.get(scenario_id) or next(adapted) for scenario_id, _ in work]
         for (scenario_id, stored), outcome in zip(work, outcomes, strict=True):
             if isinstance(outcome, AdaptationInputError):
                 self._failed_readapts.add((scenario_id, current.version))
@@ -199,10 +215,13 @@ class MetaLearnerLifecycle:
                     "scenario %s changed during its re-adaptation; kept the newer", scenario_id
                 )
             else:
-                self.metrics.readaptations.inc()
+                await self.store.put_previous(scenario_id, stored.state)
+                how = "reused" if scenario_id in reused else "adapted"
+                self.metrics.readaptations.labels(how=how).inc()
                 logger.info(
-                    "scenario %s re-adapted with %s: revision %d",
+                    "scenario %s re-adapted with %s (%s): revision %d",
                     scenario_id,
                     current.version,
+                    how,
                     revision,
                 )

@@ -32,8 +32,9 @@ class ServiceMetrics:
         )
         self.adaptation_seconds = Histogram(
             "s2meta_adaptation_seconds",
-            "Scenario-specific learning time (one adaptation; trigger=reload: one batch)",
-            ["trigger"],
+            "Scenario-specific learning time (one adaptation; trigger=reload: one batch), by the "
+            "meta learner that adapted",
+            ["trigger", "meta_learner"],
             buckets=(*LATENCY_BUCKETS, 30.0, 60.0),
             registry=self.registry,
         )
@@ -59,6 +60,14 @@ class ServiceMetrics:
             "Adaptations running or queued in this replica",
             registry=self.registry,
             multiprocess_mode="livesum",
+        )
+        self.recommend_seconds = Histogram(
+            "s2meta_recommend_seconds",
+            "A recommend call's time in the service (one user, or a batch call), by the meta "
+            "learner of the revision served: a canary's against the current one's",
+            ["meta_learner"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.cache_hits = Counter(
             "s2meta_recommender_cache_hits",
@@ -120,7 +129,9 @@ class ServiceMetrics:
         )
         self.readaptations = Counter(
             "s2meta_readaptations",
-            "Scenarios re-adapted with a newer meta learner by this replica (revision written)",
+            "Scenarios moved to the current meta learner by this replica (revision written): "
+            "how=adapted, or how=reused (the record it had with that version, kept from before)",
+            ["how"],
             registry=self.registry,
         )
         self.meta_learner = Gauge(

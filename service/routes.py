@@ -175,6 +175,7 @@ async def adapt(
         body.variant,
         body.seed,
         parse_if_match(if_match),
+        body.meta_learner,
     )
     return _with_etag(response, answer)
 

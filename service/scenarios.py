@@ -3,6 +3,9 @@ are `service.writes`, the meta learner's lifecycle (hot reload, re-adaptation)
 `service.lifecycle`."""
 
 import asyncio
+import time
+
+from prometheus_client import Histogram
 
 from model.ranking import kernel_available
 from service.batching import RecommendBatcher
@@ -35,6 +38,7 @@ class ScenarioService:
             settings.faiss_index, settings.faiss_search, settings.faiss_min_pool, learners.device
         )
         self._loading: dict[tuple[str, int], asyncio.Task[AdaptedRecommender]] = {}
+        self._recommend_seconds: dict[str, Histogram] = {}
         # The compiled ranking kernel releases the GIL for a whole batch, so every batch goes
         # to the batcher's thread; without it small batches are cheaper on the loop
         # (docs/performance.md).
@@ -57,9 +61,11 @@ class ScenarioService:
     async def recommend(
         self, scenario_id: str, user: str, n: int, exclude_seen: bool, exclude: list[str]
     ) -> dict[str, object]:
+        start = time.perf_counter()
         recommender = await self._recommender(scenario_id)
         request = RankRequest(user, n, exclude_seen, frozenset(exclude))
         ranked = await self.batcher.rank(recommender, request)
+        self._observe(recommender.meta_learner, start)
         if ranked.source == "popular":
             self.metrics.popular_fallbacks.inc()
         return {
@@ -75,10 +81,12 @@ class ScenarioService:
         self, scenario_id: str, users: list[str], n: int, exclude_seen: bool, exclude: list[str]
     ) -> dict[str, object]:
         """Many users of one scenario ranked in one pass, from one revision."""
+        start = time.perf_counter()
         recommender = await self._recommender(scenario_id)
         skip = frozenset(exclude)
         requests = [RankRequest(user, n, exclude_seen, skip) for user in users]
         answers = await self.batcher.rank_many(recommender, requests)
+        self._observe(recommender.meta_learner, start)
         popular = sum(ranked.source == "popular" for ranked in answers)
         if popular:
             self.metrics.popular_fallbacks.inc(popular)
@@ -95,6 +103,13 @@ class ScenarioService:
                 for user, ranked in zip(users, answers, strict=True)
             ],
         }
+
+    def _observe(self, meta_learner: str, start: float) -> None:
+        histogram = self._recommend_seconds.get(meta_learner)
+        if histogram is None:  # labels() costs more than the observation
+            histogram = self.metrics.recommend_seconds.labels(meta_learner)
+            self._recommend_seconds[meta_learner] = histogram
+        histogram.observe(time.perf_counter() - start)
 
     async def _recommender(self, scenario_id: str) -> AdaptedRecommender:
         # While the store's announcements are heard, a revision read before is current
@@ -156,7 +171,11 @@ class ScenarioService:
 
     def _with_status(self, meta: dict[str, object]) -> dict[str, object]:
         current = self.learners.current
-        stale = current is not None and meta["meta_learner"] != current.version
+        stale = (
+            current is not None
+            and meta["meta_learner"] != current.version
+            and not meta.get("pinned")
+        )
         return {**meta, "status": "readapting" if stale else "ready"}
 
     async def describe(self, scenario_id: str) -> dict[str, object]:

@@ -66,6 +66,12 @@ class AdaptRequest(BaseModel):
         strict=True,
         description="seed of the learning's draws; null: the default",
     )
+    meta_learner: str | None = Field(
+        None,
+        pattern=r"^v[0-9]{4,9}$",
+        description="pin the scenario to this published version (a canary): adapted with it "
+        "and kept on it through promotions until re-posted without one; null: the current one",
+    )
 
 
 class AppendRequest(BaseModel):
@@ -109,6 +115,9 @@ class Counts(BaseModel):
 class ScenarioSummary(BaseModel):
     scenario: str
     revision: int
+    pinned: bool = Field(
+        False, description="kept on its meta learner through promotions (adapted with one named)"
+    )
     status: Literal["ready", "readapting"] = Field(
         description="readapting: adapted by an older meta learner; re-adaptation is pending"
     )
@@ -166,6 +175,7 @@ class AdaptResponse(LearningTrace):
     folded_in: FoldedIn = Field(default_factory=FoldedIn)
     num_candidates: int
     duration_ms: float
+    pinned: bool = Field(False, description="kept on its meta learner through promotions")
     reused: bool = Field(
         False,
         description="true: the request changed nothing (the same registration and meta "

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from model.artifact import VERSIONS
 from service.adaptation import Registration, adapt_registration, registration
 from service.caches import RecommenderCache, RevisionWatch
 from service.errors import (
@@ -66,17 +67,20 @@ class ScenarioWrites:
         variant: str | None,
         seed: int | None,
         if_match: IfMatch | None = None,
+        meta_learner: str | None = None,
     ) -> dict[str, object]:
-        """Register and adapt; an identical re-post (the same registration, variant, seed and
-        meta learner) answers the stored revision, `reused`, without adapting again."""
-        loaded = current_learner(self.learners)
+        """Register and adapt, with the current meta learner or, pinned, with `meta_learner`
+        (a canary: it stays there through promotions); an identical re-post (the same
+        registration, variant, seed and meta learner) answers the stored revision, `reused`,
+        without adapting again."""
         self._check_limits(interactions, candidates)
+        loaded = await self._learner(meta_learner)
         # Fail fast when the result could not be stored, before the costly learning.
         stored = await self.store.get_meta(scenario_id)
         expected = self._precondition(if_match, stored)
         chosen_seed = self.settings.adapt_seed if seed is None else seed
         registered = await asyncio.to_thread(
-            registration, interactions, candidates, variant, chosen_seed
+            registration, interactions, candidates, variant, chosen_seed, meta_learner is not None
         )
         resolved = variant or loaded.artifact.default_variant
         if stored is not None and stored.get("fingerprint") == registered.fingerprint(
@@ -110,12 +114,17 @@ class ScenarioWrites:
             if len(merged) == len(state.interactions):  # nothing new
                 return {**with_ids(scenario_id, stored.revision, state.meta), "reused": True}
             self._check_limits(merged, state.candidates)
+            # A pinned scenario stays on its meta learner.
+            pinned = bool(state.meta.get("pinned"))
+            if pinned:
+                loaded = await self._learner(str(state.meta["meta_learner"]))
             registered = await asyncio.to_thread(
                 registration,
                 merged,
                 state.candidates,
                 str(state.meta["variant"]),
                 int(state.meta["seed"]),  # type: ignore[call-overload]
+                pinned,
             )
             try:
                 return await self._adapt_and_put(loaded, scenario_id, registered, stored.revision)
@@ -144,7 +153,7 @@ class ScenarioWrites:
         def run() -> list[Adapted]:
             return [adapt_registration(loaded, scenario_id, registered, min_interactions)]
 
-        (state,) = await self.run_adaptations(run, trigger="request")
+        (state,) = await self.run_adaptations(run, "request", loaded.version)
         assert isinstance(state, ScenarioState)  # adapt_registration raises the errors
         revision = await self.store.put(scenario_id, state, expected)
         # Our own write is known at once, without waiting for its announcement to come back.
@@ -155,6 +164,15 @@ class ScenarioWrites:
                 f"{expected}); nothing stored"
             )
         return {"scenario": scenario_id, "revision": revision, **state.meta, "reused": False}
+
+    async def _learner(self, pinned: str | None) -> LoadedVersion:
+        """The current meta learner, or the pinned version, loaded from the registry if this
+        process does not hold it; a version not in the registry is a 422."""
+        if pinned is None:
+            return current_learner(self.learners)
+        if not (self.learners.registry / VERSIONS / pinned).is_dir():
+            raise AdaptationInputError(f"meta learner {pinned} is not in the registry")
+        return await asyncio.to_thread(self.learners.get, pinned)
 
     @staticmethod
     def _precondition(if_match: IfMatch | None, stored: dict[str, object] | None) -> int | None:
@@ -181,7 +199,7 @@ class ScenarioWrites:
             )
 
     async def run_adaptations(
-        self, work: Callable[[], list[Adapted]], trigger: str
+        self, work: Callable[[], list[Adapted]], trigger: str, meta_learner: str
     ) -> list[Adapted]:
         """Run one adaptation or one batch of them (a re-adaptation's) in the adaptation pool;
         a batch holds one worker, so it counts once in flight."""
@@ -193,7 +211,8 @@ class ScenarioWrites:
         finally:
             self._in_flight -= 1
             self.metrics.adaptations_in_flight.set(self._in_flight)
-        self.metrics.adaptation_seconds.labels(trigger=trigger).observe(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.metrics.adaptation_seconds.labels(trigger, meta_learner).observe(seconds)
         for state in outcomes:
             if isinstance(state, ScenarioState):
                 steps = float(state.meta["steps"])  # type: ignore[arg-type]

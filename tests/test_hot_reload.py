@@ -3,6 +3,7 @@ scenario re-adapted once across replicas and switched atomically, old versions k
 needed, corrupt versions refused."""
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -104,8 +105,9 @@ async def test_stale_scenarios_are_readapted_in_batches(artifact, registry, scen
         page = (await client.get("/scenarios")).json()["scenarios"]
         assert [s["revision"] for s in page] == [2, 2, 2]
         sample = app.state.metrics.registry.get_sample_value
-        assert sample("s2meta_adaptation_seconds_count", {"trigger": "reload"}) == 2  # 2 + 1
-        assert sample("s2meta_readaptations_total") == 3
+        reload = {"trigger": "reload", "meta_learner": "v0002"}
+        assert sample("s2meta_adaptation_seconds_count", reload) == 2  # 2 + 1
+        assert sample("s2meta_readaptations_total", {"how": "adapted"}) == 3
 
 
 async def test_a_newer_client_revision_wins_over_a_late_readaptation(
@@ -172,7 +174,10 @@ async def test_redis_notification_reloads_every_replica_and_readapts_once(
         page = (await first.get("/scenarios")).json()["scenarios"]
         assert [s["revision"] for s in page] == [2, 2, 2]  # each re-adapted exactly once
         readapted = [
-            app.state.metrics.registry.get_sample_value("s2meta_readaptations_total") or 0.0
+            app.state.metrics.registry.get_sample_value(
+                "s2meta_readaptations_total", {"how": "adapted"}
+            )
+            or 0.0
             for app in (first_app, second_app)
         ]
         assert sum(readapted) == 3  # across both replicas, once per scenario
@@ -197,3 +202,22 @@ async def test_a_corrupt_version_is_refused_and_the_service_stays(
         assert response.json()["meta_learner"] == "v0001"
         publish(artifact, registry)
         assert await app.state.lifecycle.refresh() == "v0003"
+
+
+async def test_shutdown_outlasts_a_swallowed_cancellation(registry):
+    """A background task whose first cancellation is swallowed (as redis-py can, inside a
+    command) does not hold the shutdown for a poll interval: it is cancelled again."""
+
+    async def stubborn() -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed, as a library might
+            await asyncio.sleep(600)
+        await asyncio.sleep(600)
+
+    loop = asyncio.get_running_loop()
+    async with running(Settings(registry=registry, reload_poll_s=600)) as (app, _):
+        task = asyncio.create_task(stubborn())
+        await asyncio.sleep(0)
+        app.state.lifecycle._tasks.append(task)
+        start = loop.time()
+    assert task.cancelled()
+    assert loop.time() - start < 5

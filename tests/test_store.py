@@ -546,3 +546,15 @@ async def test_redis_namespaces_are_isolated(redis_namespace):
         await one.close()
         await two.close()
         await _drop_namespace(other_namespace)
+
+
+async def test_the_previous_record_is_kept_one_per_scenario_and_goes_with_it(store):
+    assert await store.get_previous("s1") is None
+    await store.put("s1", _state(1))
+    await store.put_previous("s1", _state(2))
+    await store.put_previous("s1", _state(3))  # the last one kept
+    assert await store.get_previous("s1") == _state(3)
+    assert await store.get_previous("s2") is None
+    assert await store.revision("s1") == 1  # the record itself untouched
+    assert await store.delete("s1") is True
+    assert await store.get_previous("s1") is None

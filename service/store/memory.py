@@ -21,6 +21,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._records: dict[str, StoredScenario] = {}
+        self._previous: dict[str, ScenarioState] = {}
         self._revisions: dict[str, int] = {}
         self._locks: dict[str, tuple[str, float]] = {}
         self._subscribers: list[asyncio.Queue[dict[str, object]]] = []
@@ -69,8 +70,16 @@ class MemoryStore:
         if expected_revision is not None and current.revision != expected_revision:
             return None
         del self._records[scenario_id]
+        self._previous.pop(scenario_id, None)
         self._announce(scenario_id)
         return True
+
+    async def put_previous(self, scenario_id: str, state: ScenarioState) -> None:
+        self._previous[scenario_id] = copy.deepcopy(state)
+
+    async def get_previous(self, scenario_id: str) -> ScenarioState | None:
+        previous = self._previous.get(scenario_id)
+        return copy.deepcopy(previous) if previous else None
 
     async def acquire_lock(self, name: str, ttl_s: int) -> str | None:
         now = asyncio.get_running_loop().time()

@@ -66,6 +66,13 @@ class ScenarioStore(Protocol):
         only if the stored revision is that one, else delete nothing and return None."""
         ...
 
+    async def put_previous(self, scenario_id: str, state: ScenarioState) -> None:
+        """Keep a record a re-adaptation replaced, one per scenario (the last), so that going
+        back to its meta learner can reuse it; deleted with the scenario."""
+        ...
+
+    async def get_previous(self, scenario_id: str) -> ScenarioState | None: ...
+
     async def acquire_lock(self, name: str, ttl_s: int) -> str | None:
         """A token if the lock was free (it expires after ttl_s), else None."""
         ...

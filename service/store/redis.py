@@ -34,8 +34,8 @@ redis.call('ZADD', KEYS[3], 0, ARGV[2])
 redis.call('PUBLISH', ARGV[3], cjson.encode({type = 'scenario', scenario = ARGV[2]}))
 return revision
 """
-# KEYS: record hash, index; ARGV: scenario id, events channel, expected revision ("" for
-# any). Returns 1 when deleted, 0 when absent, -1 on a mismatch.
+# KEYS: record hash, index, previous record; ARGV: scenario id, events channel, expected
+# revision ("" for any). Returns 1 when deleted, 0 when absent, -1 on a mismatch.
 _DELETE = """
 local current = redis.call('HGET', KEYS[1], 'revision')
 if not current then
@@ -43,7 +43,7 @@ if not current then
   return 0
 end
 if ARGV[3] ~= '' and current ~= ARGV[3] then return -1 end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[3])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('PUBLISH', ARGV[2], cjson.encode({type = 'scenario', scenario = ARGV[1]}))
 return 1
@@ -84,6 +84,9 @@ class RedisStore:
     def _record_key(self, scenario_id: str) -> str:
         return f"{self._ns}:scenario:{scenario_id}"
 
+    def _previous_key(self, scenario_id: str) -> str:
+        return f"{self._ns}:previous:{scenario_id}"
+
     def _revision_key(self, scenario_id: str) -> str:
         return f"{self._ns}:revision:{scenario_id}"
 
@@ -104,20 +107,7 @@ class RedisStore:
     async def put(
         self, scenario_id: str, state: ScenarioState, expected_revision: int | None = None
     ) -> int | None:
-        fields: list[str | bytes] = [
-            "schema",
-            SCHEMA,
-            "meta",
-            json.dumps(state.meta),
-            "params",
-            state.params,
-            "candidates",
-            json.dumps(state.candidates),
-            "interactions",
-            json.dumps(state.interactions),
-            "popularity",
-            json.dumps(state.popularity),
-        ]
+        fields = _fields(state)
         expected = "" if expected_revision is None else str(expected_revision)
         keys = [self._record_key(scenario_id), self._revision_key(scenario_id), self._index_key]
         try:
@@ -142,15 +132,25 @@ class RedisStore:
             raise StoreError(f"redis: {error}") from error
         if not raw:
             return None
-        _check_schema(scenario_id, raw.get(b"schema"))
-        state = ScenarioState(
-            meta=json.loads(raw[b"meta"]),
-            params=raw[b"params"],
-            candidates=json.loads(raw[b"candidates"]),
-            interactions=[(u, i) for u, i in json.loads(raw[b"interactions"])],
-            popularity=[(i, c) for i, c in json.loads(raw[b"popularity"])],
-        )
-        return StoredScenario(int(raw[b"revision"]), state)
+        return StoredScenario(int(raw[b"revision"]), _state(scenario_id, raw))
+
+    async def put_previous(self, scenario_id: str, state: ScenarioState) -> None:
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._previous_key(scenario_id))
+                fields = _fields(state)
+                mapping = dict(zip(fields[::2], fields[1::2], strict=True))
+                pipe.hset(self._previous_key(scenario_id), mapping=mapping)  # type: ignore[arg-type]
+                await pipe.execute()
+        except RedisError as error:
+            raise StoreError(f"redis: {error}") from error
+
+    async def get_previous(self, scenario_id: str) -> ScenarioState | None:
+        try:
+            raw = await self._redis.hgetall(self._previous_key(scenario_id))
+        except RedisError as error:
+            raise StoreError(f"redis: {error}") from error
+        return _state(scenario_id, raw) if raw else None
 
     async def get_meta(self, scenario_id: str) -> dict[str, object] | None:
         try:
@@ -188,7 +188,11 @@ class RedisStore:
         try:
             outcome = int(
                 await self._delete(
-                    keys=[self._record_key(scenario_id), self._index_key],
+                    keys=[
+                        self._record_key(scenario_id),
+                        self._index_key,
+                        self._previous_key(scenario_id),
+                    ],
                     args=[scenario_id, self._channel, expected],
                 )
             )
@@ -237,6 +241,35 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _fields(state: ScenarioState) -> list[str | bytes]:
+    """A record's hash fields and values, in turn (the revision aside)."""
+    return [
+        "schema",
+        SCHEMA,
+        "meta",
+        json.dumps(state.meta),
+        "params",
+        state.params,
+        "candidates",
+        json.dumps(state.candidates),
+        "interactions",
+        json.dumps(state.interactions),
+        "popularity",
+        json.dumps(state.popularity),
+    ]
+
+
+def _state(scenario_id: str, raw: dict[bytes, bytes]) -> ScenarioState:
+    _check_schema(scenario_id, raw.get(b"schema"))
+    return ScenarioState(
+        meta=json.loads(raw[b"meta"]),
+        params=raw[b"params"],
+        candidates=json.loads(raw[b"candidates"]),
+        interactions=[(u, i) for u, i in json.loads(raw[b"interactions"])],
+        popularity=[(i, c) for i, c in json.loads(raw[b"popularity"])],
+    )
 
 
 def _check_schema(scenario_id: str, schema: bytes | None) -> None:
