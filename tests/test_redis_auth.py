@@ -121,6 +121,18 @@ async def test_without_the_password_every_call_is_a_store_error(server, password
         await store.close()
 
 
+async def test_the_service_with_the_password_adapts_and_serves(server, registry, scenario):
+    process, _ = server
+    settings = Settings(registry=registry, redis_url=process.url, redis_password=PASSWORD)
+    async with running(settings) as (_, client):
+        adapted = await client.post("/scenarios/auth/adapt", json=scenario.body())
+        assert adapted.status_code == 200, adapted.text
+        params = {"user": scenario.eval_user, "scenario": "auth"}
+        served = await client.get("/recommend", params=params)
+        assert served.status_code == 200 and served.json()["source"] == "adapted"
+        assert (await client.delete("/scenarios/auth")).status_code == 204
+
+
 async def test_the_service_answers_503_with_a_wrong_password_and_never_shows_it(
     server, registry, scenario, caplog
 ):
