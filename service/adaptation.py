@@ -31,10 +31,12 @@ class Registration:
     seed: int
     pinned: bool = False  # kept on its meta learner through promotions (a canary)
 
-    def fingerprint(self, meta_learner: str, variant: str) -> str:
+    def fingerprint(self, loaded: LoadedVersion) -> str:
         """What makes an adaptation the same as another: the registration, the variant it
-        resolves to and the meta learner (an identical re-post is answered from the store)."""
-        identity = [self.interactions, self.candidates, variant, self.seed, meta_learner]
+        resolves to in `loaded` and `loaded`'s version (an identical re-post is answered
+        from the store)."""
+        variant = self.variant or loaded.artifact.default_variant
+        identity = [self.interactions, self.candidates, variant, self.seed, loaded.version]
         if self.pinned:  # so that a re-post without the pin is not the same
             identity.append("pinned")
         return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
@@ -201,7 +203,7 @@ def _record(
             "users": len({user for user, _ in resolved.used}),
         },
         "duration_ms": duration_ms,
-        "fingerprint": registration.fingerprint(loaded.version, variant),
+        "fingerprint": registration.fingerprint(loaded),
         "pinned": registration.pinned,
     }
     return ScenarioState(

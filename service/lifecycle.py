@@ -182,9 +182,8 @@ class MetaLearnerLifecycle:
             # Back to a meta learner this scenario was adapted with (a rollback): the record
             # it had then, if the registration is still the same, instead of adapting again.
             previous = await self.store.get_previous(scenario_id)
-            resolved = registered.variant or current.artifact.default_variant
             if previous is not None and previous.meta.get("fingerprint") == (
-                registered.fingerprint(current.version, resolved)
+                registered.fingerprint(current)
             ):
                 reused[scenario_id] = previous
             else:

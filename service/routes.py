@@ -67,6 +67,13 @@ BODY_ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"description": "body larger than S2META_MAX_BODY_BYTES"},
     422: {"description": "invalid fields, or a scenario that cannot be adapted"},
 }
+# What the routes that adapt (adapt, append) answer.
+ADAPTING: dict[int | str, dict[str, Any]] = {
+    200: {"headers": ETAG_HEADER},
+    **WRITE_ERRORS,
+    **BODY_ERRORS,
+    429: {"description": "adaptation queue full; see Retry-After"},
+}
 router = APIRouter()
 
 
@@ -150,13 +157,7 @@ def _with_etag(response: Response, answer: dict[str, Any]) -> dict[str, Any]:
     "/scenarios/{scenario_id}/adapt",
     response_model=AdaptResponse,
     dependencies=admin,
-    responses={
-        200: {"headers": ETAG_HEADER},
-        **WRITE_ERRORS,
-        **BODY_ERRORS,
-        404: {"description": "not answered: an adapt creates the scenario"},
-        429: {"description": "adaptation queue full; see Retry-After"},
-    },
+    responses={**ADAPTING, 404: {"description": "not answered: an adapt creates the scenario"}},
     operation_id="adaptScenario",
     tags=[SCENARIOS],
     summary="Register a scenario's pool and interactions and adapt a recommender for it",
@@ -185,11 +186,8 @@ async def adapt(
     response_model=AdaptResponse,
     dependencies=admin,
     responses={
-        200: {"headers": ETAG_HEADER},
-        **WRITE_ERRORS,
-        **BODY_ERRORS,
+        **ADAPTING,
         409: {"description": "other writes kept landing during the append; retry"},
-        429: {"description": "adaptation queue full; see Retry-After"},
     },
     operation_id="appendInteractions",
     tags=[SCENARIOS],

@@ -82,10 +82,7 @@ class ScenarioWrites:
         registered = await asyncio.to_thread(
             registration, interactions, candidates, variant, chosen_seed, meta_learner is not None
         )
-        resolved = variant or loaded.artifact.default_variant
-        if stored is not None and stored.get("fingerprint") == registered.fingerprint(
-            loaded.version, resolved
-        ):
+        if stored is not None and stored.get("fingerprint") == registered.fingerprint(loaded):
             return {**stored, "reused": True}
         return await self._adapt_and_put(loaded, scenario_id, registered, expected)
 
@@ -99,10 +96,7 @@ class ScenarioWrites:
         seed. A write that lands meanwhile is not lost: the append starts over from it, or
         with If-Match gives 412."""
         loaded = current_learner(self.learners)
-        if len(interactions) > self.settings.max_interactions:  # before any precondition
-            raise AdaptationInputError(
-                f"{len(interactions)} interactions, at most {self.settings.max_interactions}"
-            )
+        self._check_at_most(interactions)  # before any precondition
         for _ in range(APPEND_ATTEMPTS):
             stored = await self.store.get(scenario_id)
             if stored is None:
@@ -183,16 +177,19 @@ class ScenarioWrites:
         if_match.require(revision)
         return revision
 
+    def _check_at_most(self, interactions: list[tuple[str, str]]) -> None:
+        if len(interactions) > self.settings.max_interactions:
+            raise AdaptationInputError(
+                f"{len(interactions)} interactions, at most {self.settings.max_interactions}"
+            )
+
     def _check_limits(self, interactions: list[tuple[str, str]], candidates: list[str]) -> None:
         if len(interactions) < self.settings.min_interactions:
             raise AdaptationInputError(
                 f"{len(interactions)} interaction(s): a scenario needs at least "
                 f"{self.settings.min_interactions} to adapt on"
             )
-        if len(interactions) > self.settings.max_interactions:
-            raise AdaptationInputError(
-                f"{len(interactions)} interactions, at most {self.settings.max_interactions}"
-            )
+        self._check_at_most(interactions)
         if len(candidates) > self.settings.max_candidates:
             raise AdaptationInputError(
                 f"{len(candidates)} candidates, at most {self.settings.max_candidates}"

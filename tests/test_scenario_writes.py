@@ -8,6 +8,7 @@ import asyncio
 import pytest
 from conftest import running, settings_for
 
+from model.artifact import publish
 from service import writes as writes_module
 
 pytestmark = pytest.mark.anyio
@@ -90,8 +91,6 @@ async def test_an_identical_repost_is_reused_and_any_change_adapts_again(setting
 
 
 async def test_a_new_meta_learner_is_not_identical(settings, scenario, artifact):
-    from model.artifact import publish
-
     async with running(settings) as (app, client):
         await client.post(url(scenario), json=scenario.body())
         publish(artifact, settings.registry)  # v0002
