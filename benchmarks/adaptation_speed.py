@@ -7,10 +7,14 @@ Prints and writes benchmarks/results/adaptation_speed_<device>.json:
   fused update cell with the eager recommender gradient, and the fused cell with the compiled
   gradient (what evaluation and serving run), beside the FLOP floor (the step's FLOPs at this
   machine's measured one-thread matmul rate) and the official implementation's figures for
-  this machine, held as constants (128 ms per scenario, 233 ms per meta-training task);
+  this machine, held as constants (128 ms per scenario, 233 ms per meta-training task). Each
+  setting records the update cell that actually ran (`update_cell`): the fused cell is a CPU
+  kernel, so on CUDA the "fused" settings run the reference cell and say so;
 - a batch of 64 scenarios: scenarios per second;
 - meta-training: tasks per second (meta-batch 8, compiled, the differentiable controller);
 the last two on one thread and on all of the machine's cores.
+`one_scenario_timing` measures one of those settings alone, for other benchmarks to quote
+the library's figure in their own run (benchmarks/service_adapt.py).
 Run: python -m benchmarks.adaptation_speed [--device cpu|cuda] [--repeats 40]
 """
 
@@ -20,14 +24,17 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from benchmarks.report import write_report
+from model.fused_cell import fused_update_gates
 from model.inner_loss import Tables
 from model.learner import adapt, init_meta_params, layout_of
 from model.learner_config import LearnerConfig
+from model.params import Params
 from model.recommender import RecommenderSpec
 from model.sampling import sample_triples
 from model.scenario import stack_triples
@@ -50,16 +57,104 @@ def synthetic_batch(
     return stack_triples(parts, device), uniforms
 
 
+def synchronize() -> None:
+    """Wait for queued CUDA work, so a timer measures the work and not its launch."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_calls(fn: Callable[[], object], repeats: int) -> list[float]:
     fn()  # warm-up (and compilation)
+    synchronize()  # the warm-up's queued kernels must not land in the first timing
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize()
         times.append((time.perf_counter() - start) * 1000)
     return times
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The reference learner on `device`: its config, meta parameters and synthetic tables."""
+
+    config: LearnerConfig
+    meta: Params
+    tables: Tables
+
+    @classmethod
+    def on(cls, device: torch.device) -> "Reference":
+        config = LearnerConfig(RecommenderSpec("interaction", D))
+        generator = torch.Generator().manual_seed(0)
+        meta = {k: v.to(device) for k, v in init_meta_params(config, generator).items()}
+        user, item = torch.randn(USERS, D, device=device), torch.randn(ITEMS, D, device=device)
+        return cls(config, meta, Tables(user, item))
+
+    def update_cell(self, fused: bool) -> str:
+        """The update cell `adapt(..., fused=fused)` runs here: "fused" only where the fused
+        cell applies (CPU float32 weights, a built kernel), else "reference"."""
+        config = self.config
+        if not fused or config.update_rule != "learned":
+            return "reference"
+        gates = fused_update_gates(self.meta, layout_of(config).sizes, config.controller_hidden)
+        return "reference" if gates is None else "fused"
+
+
+@dataclass(frozen=True)
+class OneScenarioTiming:
+    """One scenario adapted for `steps` steps (no early stop): median and p90 over the timed
+    calls."""
+
+    median_ms: float
+    p90_ms: float
+    steps: int
+    compiled: bool
+    update_cell: str  # "fused" or "reference": what ran, not what was asked for
+    threads: int | None  # CPU threads; None on an accelerator
+
+    @property
+    def ms_per_step(self) -> float:
+        return self.median_ms / self.steps
+
+
+def time_one_scenario(
+    reference: Reference, compiled: bool, fused: bool, repeats: int
+) -> OneScenarioTiming:
+    """Time one scenario's adaptation in the current thread setting."""
+    config, meta, tables = reference.config, reference.meta, reference.tables
+    device = tables.user.device
+    one, one_uniforms = synthetic_batch(config, 1, 0, device)
+    with torch.no_grad():
+        times = time_calls(
+            lambda: adapt(meta, config, tables, one, one_uniforms, compiled=compiled, fused=fused),
+            repeats,
+        )
+    return OneScenarioTiming(
+        median_ms=statistics.median(times),
+        p90_ms=float(np.percentile(times, 90)),
+        steps=config.max_steps,
+        compiled=compiled,
+        update_cell=reference.update_cell(fused),
+        threads=torch.get_num_threads() if device.type == "cpu" else None,
+    )
+
+
+def one_scenario_timing(
+    repeats: int = 40, device: str = "cpu", compiled: bool = True, fused: bool = True
+) -> OneScenarioTiming:
+    """The library's one-scenario figure (by default the fused cell and the compiled step,
+    what evaluation and serving run), on one thread on the CPU; the caller's thread count is
+    restored afterwards."""
+    where = torch.device(device)
+    threads = torch.get_num_threads()
+    if where.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return time_one_scenario(Reference.on(where), compiled, fused, repeats)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def step_flops(config: LearnerConfig) -> float:
@@ -94,27 +189,25 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
-    config = LearnerConfig(RecommenderSpec("interaction", D))
-    generator = torch.Generator().manual_seed(0)
-    meta = {k: v.to(device) for k, v in init_meta_params(config, generator).items()}
-    tables = Tables(torch.randn(USERS, D, device=device), torch.randn(ITEMS, D, device=device))
+    reference = Reference.on(device)
+    config, meta, tables = reference.config, reference.meta, reference.tables
     figures: dict[str, object] = {"device": str(device), "parameters": layout_of(config).numel}
 
-    one, one_uniforms = synthetic_batch(config, 1, 0, device)
+    # Keys name the setting asked for; `update_cell` says which cell ran (on CUDA the fused
+    # cell does not apply, and adapt runs the reference cell instead).
     settings = {"reference": (False, False), "fused": (False, True), "fused_compiled": (True, True)}
     for label, (compiled, fused) in settings.items():
-        with torch.no_grad():
-            times = time_calls(
-                lambda c=compiled, f=fused: adapt(
-                    meta, config, tables, one, one_uniforms, compiled=c, fused=f
-                ),
-                args.repeats,
-            )
+        timing = time_one_scenario(reference, compiled, fused, args.repeats)
         figures[f"one_scenario_{label}_ms"] = {
-            "median": statistics.median(times),
-            "p90": float(np.percentile(times, 90)),
-            "speedup_over_official": OFFICIAL_MS_PER_SCENARIO / statistics.median(times),
+            "median": timing.median_ms,
+            "p90": timing.p90_ms,
+            "speedup_over_official": OFFICIAL_MS_PER_SCENARIO / timing.median_ms,
+            "ms_per_step": timing.ms_per_step,
+            "steps": timing.steps,
+            "compiled": timing.compiled,
+            "update_cell": timing.update_cell,
         }
+    figures["fused_cell_applies"] = reference.update_cell(fused=True) == "fused"
     if device.type == "cpu":
         rate = matmul_gflops()
         flops = step_flops(config) * config.max_steps

@@ -60,7 +60,8 @@ def learner_scorer(context: MethodContext, learner: TrainedLearner) -> Scorer:
     def score(task: EvaluationTask, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         scenario = support_input(benchmark, task)
         result = adapt_scenarios(learner.meta, learner.learner, tables, [scenario], benchmark.seed)
-        return score_scenario(learner.learner, result.theta[0], tables, scenario, users).numpy()
+        scores = score_scenario(learner.learner, result.theta[0], tables, scenario, users)
+        return scores.cpu().numpy()  # the scores are on the tables' device
 
     return score
 
