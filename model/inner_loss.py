@@ -29,12 +29,17 @@ class Tables:
 
 def compile_fn(fn: Callable[..., Any]) -> Callable[..., Any]:
     """torch.compile, with room for every graph a run needs: one per recommender variant,
-    autograd mode (meta-training, evaluation) and batch shape (specialised, then dynamic),
-    a dozen or more per function where dynamo's default limit of 8 sends the rest to eager."""
-    torch._dynamo.config.recompile_limit = max(
-        torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT
-    )
-    return torch.compile(fn)
+    autograd mode (meta-training, evaluation), batch shape and torch thread count, a dozen
+    or more per function where dynamo's default limit of 8 sends the rest to eager. Dynamo's
+    settings are per thread, so the limit is raised in whichever thread calls."""
+    compiled = torch.compile(fn)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
+            torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+        return compiled(*args, **kwargs)
+
+    return call
 
 
 def triples_loss(
@@ -85,6 +90,19 @@ def recommender_losses(spec: RecommenderSpec, compiled: bool) -> tuple[LossAndGr
 
     if compiled:
         # Shapes stay specialised until a call differs (the scenario batch), so the layout's
-        # sizes stay constants rather than guarded symbols (docs/performance.md).
-        return compile_fn(grad_and_loss), compile_fn(loss)
+        # sizes stay constants rather than guarded symbols (docs/performance.md); the tables'
+        # rows are dynamic from the first call, since local tables (folded-in scenarios) have
+        # a size of their own each.
+        return _rows_dynamic(compile_fn(grad_and_loss)), _rows_dynamic(compile_fn(loss))
     return grad_and_loss, loss
+
+
+def _rows_dynamic(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """`compiled` with the embedding tables' row counts marked dynamic on every call."""
+
+    def call(flat: Tensor, triples: dict[str, Tensor], user: Tensor, item: Tensor) -> Any:
+        torch._dynamo.maybe_mark_dynamic(user, 0)
+        torch._dynamo.maybe_mark_dynamic(item, 0)
+        return compiled(flat, triples, user, item)
+
+    return call
