@@ -12,9 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 from safetensors.torch import save
 
+from model.artifact import MetaLearner
 from model.fold_in import local_tables
 from model.learner import AdaptResult
 from model.scenario import ScenarioInput, adapt_scenarios
+from service.compilation import StepCompiler
 from service.errors import AdaptationInputError
 from service.folding import Folded, fold_registration
 from service.learners import LoadedVersion
@@ -114,11 +116,17 @@ def resolve(
 
 
 def adapt_registration(
-    loaded: LoadedVersion, scenario_id: str, registration: Registration, min_interactions: int
+    loaded: LoadedVersion,
+    scenario_id: str,
+    registration: Registration,
+    min_interactions: int,
+    compiler: StepCompiler | None = None,
 ) -> ScenarioState:
     """Adapt a recommender for the scenario with `loaded`'s meta learner; the record to store.
     Seeded by the registration's seed and the scenario id, so it is reproducible."""
-    (outcome,) = adapt_registrations(loaded, [(scenario_id, registration)], min_interactions)
+    (outcome,) = adapt_registrations(
+        loaded, [(scenario_id, registration)], min_interactions, compiler
+    )
     if isinstance(outcome, AdaptationInputError):
         raise outcome
     return outcome
@@ -128,12 +136,14 @@ def adapt_registrations(
     loaded: LoadedVersion,
     registrations: Sequence[tuple[str, Registration]],
     min_interactions: int,
+    compiler: StepCompiler | None = None,
 ) -> list[ScenarioState | AdaptationInputError]:
     """Adapt many scenarios at once (after a hot reload, say): those with the same variant and
-    seed in one vmapped batch on the device. Each scenario's draws are seeded by its seed and
-    id alone, so it gets the adaptation it would get alone (to float rounding). Outcomes in
-    order: the record to store, or why the scenario cannot be adapted. A record's
-    duration_ms is its batch's."""
+    seed in vmapped batches on the device, the compiled step's batches where `compiler` has
+    it warm, else one eager batch. Each scenario's draws are seeded by its seed and id alone,
+    so it gets the adaptation it would get alone (to float rounding). Outcomes in order: the
+    record to store, or why the scenario cannot be adapted. A record's duration_ms is its
+    batch's."""
     outcomes: dict[int, ScenarioState | AdaptationInputError] = {}
     batches: dict[tuple[str, int], list[tuple[int, ResolvedScenario]]] = {}
     for position, (scenario_id, registration) in enumerate(registrations):
@@ -149,26 +159,40 @@ def adapt_registrations(
             outcomes[position] = error
             continue
         batches.setdefault((variant, registration.seed), []).append((position, resolved))
-    for (variant, seed), batch in batches.items():
-        start = time.perf_counter()
+    for (variant, seed), group in batches.items():
         learner = loaded.learner(variant)
-        tables, scenarios = loaded.tables, [resolved.scenario for _, resolved in batch]
-        if any(resolved.folded.users or resolved.folded.items for _, resolved in batch):
-            # Folded rows: the batch's rows gathered with them appended (model/fold_in.py).
-            tables, scenarios = local_tables(
-                tables,
-                scenarios,
-                [resolved.folded.user_vectors for _, resolved in batch],
-                [resolved.folded.item_vectors for _, resolved in batch],
-            )
-        result = adapt_scenarios(learner.meta, learner.config, tables, scenarios, seed)
-        duration_ms = (time.perf_counter() - start) * 1000.0
-        for k, (position, resolved) in enumerate(batch):
-            registration = registrations[position][1]
-            outcomes[position] = _record(
-                loaded, variant, registration, resolved, result, k, duration_ms
-            )
+        chunks = compiler.chunks(learner.config, group) if compiler else [(False, group)]
+        for compiled, batch in chunks:
+            start = time.perf_counter()
+            resolved_batch = [resolved for _, resolved in batch]
+            result = _adapt_batch(loaded, learner, resolved_batch, seed, compiled)
+            duration_ms = (time.perf_counter() - start) * 1000.0
+            for k, (position, resolved) in enumerate(batch):
+                if position not in outcomes:  # a padded batch repeats its last scenario
+                    registration = registrations[position][1]
+                    outcomes[position] = _record(
+                        loaded, variant, registration, resolved, result, k, duration_ms
+                    )
     return [outcomes[position] for position in range(len(registrations))]
+
+
+def _adapt_batch(
+    loaded: LoadedVersion,
+    learner: MetaLearner,
+    batch: list[ResolvedScenario],
+    seed: int,
+    compiled: bool,
+) -> AdaptResult:
+    tables, scenarios = loaded.tables, [resolved.scenario for resolved in batch]
+    if any(resolved.folded.users or resolved.folded.items for resolved in batch):
+        # Folded rows: the batch's rows gathered with them appended (model/fold_in.py).
+        tables, scenarios = local_tables(
+            tables,
+            scenarios,
+            [resolved.folded.user_vectors for resolved in batch],
+            [resolved.folded.item_vectors for resolved in batch],
+        )
+    return adapt_scenarios(learner.meta, learner.config, tables, scenarios, seed, compiled=compiled)
 
 
 def _record(

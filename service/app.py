@@ -105,11 +105,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifecycle = MetaLearnerLifecycle(service)
         app.state.service = service
         app.state.lifecycle = lifecycle
+        # Before the first load: its background compile imports torch's compiler stack too,
+        # and two threads importing it at once can find a module half imported.
+        import_lazy_dependencies()
         # Load the meta learner before serving (readiness waits for it); re-adaptation of
         # stale scenarios runs in the background, not in the start-up path.
         await lifecycle.refresh()
         lifecycle.start()
-        import_lazy_dependencies()
         # What start-up loaded lives as long as the process: out of the collector's sight, a
         # full collection under load does not walk it (docs/performance.md).
         gc.freeze()

@@ -18,6 +18,7 @@ from service.writes import Adapted
 logger = logging.getLogger(__name__)
 
 LIST_PAGE = 500
+COMPILE_WAIT_S = 900.0  # the most re-adaptation waits for a compile, then adapts eagerly
 EVENTS_RETRY_S = 5.0  # the most a lost event subscription waits before subscribing again
 
 
@@ -59,6 +60,8 @@ class MetaLearnerLifecycle:
         current = self.learners.current
         if current is not None:
             self.metrics.set_current_version(current.version)
+        if switched is not None and current is not None:
+            self.service.writes.compiler.warm(current)
         if switched is not None:
             try:
                 await self.store.publish({"type": PUBLISHED_EVENT, "version": switched})
@@ -132,6 +135,12 @@ class MetaLearnerLifecycle:
             ]
             self.metrics.readapt_backlog.set(len(stale))
             todo = [s for s in stale if (s, current.version) not in self._failed_readapts]
+            compiler = self.service.writes.compiler
+            if todo and not compiler.settled(current):
+                # The scenarios serve meanwhile, and the compiled step re-adapts them faster
+                # than the eager one would while it compiles beside it.
+                logger.info("re-adaptation waits for the adaptation step to compile")
+                await asyncio.to_thread(compiler.wait, COMPILE_WAIT_S)
             size = self.settings.readapt_batch
             for start in range(0, len(todo), size):
                 await self._readapt(todo[start : start + size], current)
@@ -189,10 +198,13 @@ class MetaLearnerLifecycle:
             else:
                 registrations.append((scenario_id, registered))
 
-        def run() -> list[Adapted]:
-            return adapt_registrations(current, registrations, self.settings.min_interactions)
-
         writes = self.service.writes
+
+        def run() -> list[Adapted]:
+            return adapt_registrations(
+                current, registrations, self.settings.min_interactions, writes.compiler
+            )
+
         ran = await writes.run_adaptations(run, "reload", current.version) if registrations else []
         adapted = iter(ran)
         outcomes = [reused.get(scenario_id) or next(adapted) for scenario_id, _ in work]

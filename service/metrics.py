@@ -127,6 +127,22 @@ class ServiceMetrics:
             registry=self.registry,
             multiprocess_mode="livemax",
         )
+        self.adaptation_compiled = Gauge(
+            "s2meta_adaptation_compiled",
+            "1 once adaptations of this variant of the current meta learner run the compiled "
+            "step (0 while it compiles in the background, or when compiling failed: the eager "
+            "step serves meanwhile)",
+            ["variant"],
+            registry=self.registry,
+            multiprocess_mode="livemin",  # 1 only when every live worker has compiled it
+        )
+        self.adaptation_compile_failures = Counter(
+            "s2meta_adaptation_compile_failures",
+            "Compiles of the adaptation step that failed, by variant (the eager step serves; "
+            "the log says why)",
+            ["variant"],
+            registry=self.registry,
+        )
         self.readaptations = Counter(
             "s2meta_readaptations",
             "Scenarios moved to the current meta learner by this replica (revision written): "

@@ -88,6 +88,26 @@ class Settings(BaseSettings):
         0, description="seed of the learning's draws (triples, stop) when a request gives none"
     )
     adapt_workers: int = Field(1, ge=1, description="adaptations running at once")
+    # One: a single scenario's step is too small to split over cores reliably, and the
+    # recommends keep the other core (docs/performance.md).
+    adapt_threads: int = Field(
+        1,
+        ge=0,
+        description="torch's threads within an adaptation a request asks for (the adaptation "
+        "workers' own setting; recommends keep S2META_TORCH_THREADS); 0: one per core",
+    )
+    readapt_threads: int = Field(
+        0,
+        ge=0,
+        description="torch's threads within a batch of re-adaptations after a hot reload, "
+        "and for compiling the adaptation step; 0: one per core",
+    )
+    # On: the eager step serves until the compiled one is ready (docs/performance.md).
+    adapt_compile: bool = Field(
+        True,
+        description="compile the adaptation step in the background once a meta learner loads "
+        "(about 3x faster per step on a CPU); false: adapt eagerly",
+    )
     adapt_queue: int = Field(
         8, ge=0, description="adaptations waiting beyond the running ones; more get 429"
     )

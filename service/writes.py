@@ -2,13 +2,17 @@
 If-Match, and the adaptation pool that re-adaptations share (`service.lifecycle`)."""
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from model.artifact import VERSIONS
 from service.adaptation import Registration, adapt_registration, registration
 from service.caches import RecommenderCache, RevisionWatch
+from service.compilation import StepCompiler
 from service.errors import (
     AdaptationInputError,
     ConflictError,
@@ -51,12 +55,25 @@ class ScenarioWrites:
         self.metrics = metrics
         self.revisions = revisions
         self.cache = cache
+        cores = os.cpu_count() or 1
+        # Per trigger: torch's thread count is the calling thread's own (OpenMP's setting).
+        self._threads = {
+            "request": settings.adapt_threads or cores,
+            "reload": settings.readapt_threads or cores,
+        }
+        self.compiler = StepCompiler(
+            settings.adapt_compile,
+            settings.readapt_batch,
+            (self._threads["request"], self._threads["reload"]),
+            metrics,
+        )
         # Adaptations get their own bounded pool, so recommends never wait behind one.
         self._adapt_pool = ThreadPoolExecutor(settings.adapt_workers, thread_name_prefix="adapt")
         self._in_flight = 0
 
     def close(self) -> None:
-        """Stop the adaptation workers."""
+        """Stop the adaptation workers and the compiler's warm-up."""
+        self.compiler.close()
         self._adapt_pool.shutdown(wait=True, cancel_futures=True)
 
     async def adapt(
@@ -145,7 +162,9 @@ class ScenarioWrites:
         min_interactions = self.settings.min_interactions
 
         def run() -> list[Adapted]:
-            return [adapt_registration(loaded, scenario_id, registered, min_interactions)]
+            return [
+                adapt_registration(loaded, scenario_id, registered, min_interactions, self.compiler)
+            ]
 
         (state,) = await self.run_adaptations(run, "request", loaded.version)
         assert isinstance(state, ScenarioState)  # adapt_registration raises the errors
@@ -204,7 +223,9 @@ class ScenarioWrites:
         self.metrics.adaptations_in_flight.set(self._in_flight)
         try:
             start = time.perf_counter()
-            outcomes = await asyncio.get_running_loop().run_in_executor(self._adapt_pool, work)
+            outcomes = await asyncio.get_running_loop().run_in_executor(
+                self._adapt_pool, _with_threads, self._threads[trigger], work
+            )
         finally:
             self._in_flight -= 1
             self.metrics.adaptations_in_flight.set(self._in_flight)
@@ -234,3 +255,8 @@ class ScenarioWrites:
             raise ScenarioNotFoundError(scenario_id)
         self.revisions.announced(scenario_id)
         self.cache.drop(scenario_id)
+
+
+def _with_threads(threads: int, work: Callable[[], list[Adapted]]) -> list[Adapted]:
+    torch.set_num_threads(threads)  # this worker thread's own count
+    return work()

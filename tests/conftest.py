@@ -33,6 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "amazon-lastfm"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
+# The service's tests adapt with the eager step: compiling it in the background in every app
+# and server they start would cost minutes of CPU. tests/test_compiled_adaptation.py,
+# tests/test_warm_up.py and tests/test_startup.py run the compiled step.
+os.environ["S2META_ADAPT_COMPILE"] = "false"
+
 # needs_redis: talks to a Redis server; skipped when the local one does not answer, unless
 # S2META_REQUIRE_REDIS=1 (CI's .ci/run), where that is a failure. needs_cuda: runs on a GPU.
 needs_redis = pytest.mark.needs_redis

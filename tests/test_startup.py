@@ -1,10 +1,13 @@
-"""What serving imports lazily is imported at start-up, before gc.freeze: an adaptation and a
-recommend of each variant afterwards import no module. Run in a fresh interpreter, since this
-test process has imported most of torch already."""
+"""What serving imports lazily is imported at start-up, before gc.freeze (and what compiling
+the adaptation step imports, before the freeze that follows it): an adaptation and a
+recommend of each variant afterwards import no module, with the eager or the compiled step.
+Run in a fresh interpreter, since this test process has imported most of torch already."""
 
 import json
 import subprocess
 import sys
+
+import pytest
 
 SCRIPT = """
 import gc, json, sys
@@ -13,7 +16,11 @@ from service.app import create_app
 from service.settings import Settings
 
 body, user, registry = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
-with TestClient(create_app(Settings(registry=registry))) as client:
+compiled = sys.argv[4] == "compiled"
+settings = Settings(registry=registry, adapt_compile=compiled, readapt_batch=2, readapt_threads=1)
+with TestClient(create_app(settings)) as client:
+    # The compile's imports and graphs are frozen once it is over.
+    assert client.app.state.service.writes.compiler.wait(600)
     frozen, before = gc.get_freeze_count(), set(sys.modules)
     for variant in ("interaction", "mapping", "hybrid"):
         adapted = client.post(f"/scenarios/{variant}/adapt", json={**body, "variant": variant})
@@ -24,13 +31,14 @@ with TestClient(create_app(Settings(registry=registry))) as client:
 """
 
 
-def test_serving_imports_nothing_after_start_up(registry, scenario):
+@pytest.mark.parametrize("step", ["eager", "compiled"])
+def test_serving_imports_nothing_after_start_up(registry, scenario, step):
     body, user = json.dumps(scenario.body()), scenario.eval_user
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, body, user, str(registry)],
+        [sys.executable, "-c", SCRIPT, body, user, str(registry), step],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
