@@ -157,6 +157,36 @@ def one_scenario_timing(
         torch.set_num_threads(threads)
 
 
+def batched_scenarios_per_s(
+    scenarios: int = 64, threads: int | None = None, device: str = "cpu"
+) -> float:
+    """The library's batched figure: scenarios per second adapting `scenarios` at once
+    (compiled, 20 steps each), on `threads` threads on the CPU (default: one per core); the
+    caller's thread count is restored afterwards."""
+    where = torch.device(device)
+    reference = Reference.on(where)
+    many, uniforms = synthetic_batch(reference.config, scenarios, 1, where)
+    before = torch.get_num_threads()
+    if where.type == "cpu":
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+    try:
+        with torch.no_grad():
+            times = time_calls(
+                lambda: adapt(
+                    reference.meta,
+                    reference.config,
+                    reference.tables,
+                    many,
+                    uniforms,
+                    compiled=True,
+                ),
+                3,
+            )
+    finally:
+        torch.set_num_threads(before)
+    return scenarios / (statistics.median(times) / 1000)
+
+
 def step_flops(config: LearnerConfig) -> float:
     """FLOPs of one adaptation step at the least the computation needs: the recommender's
     forward and backward (~2x) on N triples (the user's half of the first layer once per

@@ -26,6 +26,7 @@ from service.store import RedisStore
 S2META = str(Path(sys.executable).with_name("s2meta"))
 NAMESPACE = "s2meta"  # the service's default key prefix
 POOL_RANGE = (300, 1000)  # the LastFM meta-test scenarios start_lastfm_stack returns
+COMPILED_GAUGE = "s2meta_adaptation_compiled"
 
 
 def run(command: list[str]) -> str:
@@ -93,6 +94,7 @@ class Stack:
         self.redis: subprocess.Popen | None = None
         self.api: subprocess.Popen | None = None
         self.api_log = root / "api.log"
+        self.compiled_after_s: float | None = None
 
     @property
     def redis_url(self) -> str:
@@ -151,7 +153,9 @@ class Stack:
 
     def start_api(self, settings: dict[str, str] | None = None) -> None:
         """`s2meta serve` over this stack's registry and Redis; `settings`: more S2META_*
-        variables."""
+        variables. Returns once it is ready and its background compile of the adaptation
+        step is over (`compiled_after_s`: the seconds that took, None where it compiles
+        nothing), so that no benchmark measures beside a compile."""
         env = {
             **os.environ,
             "S2META_REGISTRY": str(self.registry),
@@ -167,11 +171,33 @@ class Stack:
         while True:
             try:
                 if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                    compiles = env.get("S2META_ADAPT_COMPILE", "true").lower() != "false"
+                    self.compiled_after_s = self.wait_compiled() if compiles else None
                     return
             except httpx.TransportError:
                 pass
             if self.api.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the API did not get ready:\n{self.log_tail()}")
+            time.sleep(0.5)
+
+    def wait_compiled(self, timeout_s: float = 900) -> float | None:
+        """Wait until the API's background compile is over, so the cores are quiet again:
+        every variant's s2meta_adaptation_compiled is 1 (all workers), or its compile failed
+        (the API then adapts eagerly, said in its log). Returns the seconds waited, None
+        where the API has no such gauge; an error on timeout."""
+        start = time.monotonic()
+        while True:
+            text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
+            if COMPILED_GAUGE not in text:
+                return None
+            compiled = _samples(text, COMPILED_GAUGE)
+            failed = _samples(text, "s2meta_adaptation_compile_failures_total")
+            if compiled and all(v >= 1 or failed.get(k, 0) > 0 for k, v in compiled.items()):
+                if failed:
+                    print(f"warning: the compile failed for {sorted(failed)}: eager there")
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout_s:
+                raise RuntimeError(f"not compiled in {timeout_s} s:\n{self.log_tail()}")
             time.sleep(0.5)
 
     def stop_api(self) -> int:
@@ -187,6 +213,16 @@ class Stack:
             stop_process(self.api)
         if self.redis is not None:
             stop_process(self.redis)
+
+
+def _samples(metrics: str, name: str) -> dict[str, float]:
+    """A labelled metric's samples in a Prometheus exposition, by label set."""
+    found = {}
+    for line in metrics.splitlines():
+        if line.startswith(f"{name}{{"):
+            labels, value = line.rsplit(" ", 1)
+            found[labels[len(name) :]] = float(value)
+    return found
 
 
 def meta_test_scenarios(artifact: Path, data: Path, cache: Path) -> list[Scenario]:

@@ -8,15 +8,22 @@ candidates are adapted through the API, then their stored records copied under -
 ids. Per batch size: the API (re)started with that S2META_READAPT_BATCH, the same artifact
 published again as a new version with a Redis notification, and the time from the publish
 until the API's s2meta_readaptations_total has counted every scenario; scenarios/s = the
-scenarios over that time (it includes loading the new version). The device is what
-S2META_DEVICE names (auto: CUDA when there is one).
+scenarios over that time (it includes loading the new version). Each API start waits for
+its background compile of the adaptation step to be over before the publish (the same
+configuration then re-adapts compiled at once); --no-compile runs the service eagerly. The
+device is what S2META_DEVICE names (auto: CUDA when there is one).
+
+In the same run, the rate re-adaptation is held to: the library adapting the same
+registrations in this process (compiled, batches of the largest --batches, every core), and
+adaptation_speed's reference batch (64-dim interaction, 20 steps each) on every core.
 
 Prints a table and writes benchmarks/results/readapt.json (--name). Not part of the test
-run. Run: python -m benchmarks.readapt [--scenarios 512] [--batches 1,64]
+run. Run: python -m benchmarks.readapt [--scenarios 512] [--batches 1,64] [--no-compile]
 """
 
 import argparse
 import asyncio
+import os
 import secrets
 import sys
 import tempfile
@@ -24,9 +31,21 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
-from benchmarks.harness import Stack, copy_scenarios, register, run, start_lastfm_stack
+from benchmarks.adaptation_speed import batched_scenarios_per_s
+from benchmarks.harness import (
+    Scenario,
+    Stack,
+    copy_scenarios,
+    register,
+    run,
+    start_lastfm_stack,
+)
 from benchmarks.report import write_report
+from model.scenario import adapt_scenarios
+from service.adaptation import registration, resolve
+from service.learners import MetaLearners
 
 
 def readaptations(base_url: str) -> float:
@@ -56,38 +75,85 @@ def main() -> int:
     parser.add_argument("--scenarios", type=int, default=512)
     parser.add_argument("--batches", default="1,64", help="S2META_READAPT_BATCH values")
     parser.add_argument("--name", default="readapt", help="results file name")
+    parser.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="the service adapts eagerly (S2META_ADAPT_COMPILE=false)",
+    )
     args = parser.parse_args()
+    compile_setting = {"S2META_ADAPT_COMPILE": str(args.compile).lower()}
     batches = [int(size) for size in args.batches.split(",")]
     runs = []
     with tempfile.TemporaryDirectory(prefix="s2meta-readapt-") as scratch:
         stack = Stack(Path(scratch), secrets.token_hex(16))
         try:
-            scenarios = start_lastfm_stack(stack, "readapt")
+            scenarios = start_lastfm_stack(stack, "readapt", compile_setting)
             register(stack, scenarios)
             sources = [s.scenario_id for s in scenarios]
             copies = args.scenarios - len(sources)
             asyncio.run(copy_scenarios(stack.redis_url, sources, copies))
             stack.stop_api()
             for size in batches:
-                stack.start_api({"S2META_READAPT_BATCH": str(size)})
+                stack.start_api({"S2META_READAPT_BATCH": str(size), **compile_setting})
+                compiled_after = stack.compiled_after_s  # waited out: the cores are quiet
                 seconds = time_readaptation(stack, args.scenarios, timeout_s=1800)
                 stack.stop_api()
                 runs.append(
                     {
                         "readapt_batch": size,
+                        "compiled_after_s": compiled_after,
                         "seconds": seconds,
                         "scenarios_per_s": args.scenarios / seconds,
                     }
                 )
                 print(f"  batch {size}: {seconds:.1f} s", flush=True)
+            top = max(batches)
+            print(f"the library on the same scenarios (batches of {top}) ...", flush=True)
+            library = library_rate(stack, scenarios, args.scenarios, top)
         finally:
             stack.close()
+    library["synthetic_batched_per_s"] = batched_scenarios_per_s(top)
     print(f"re-adapting {args.scenarios} scenarios after a hot reload")
     print(f"{'batch':>6}{'seconds':>10}{'scenarios/s':>13}")
     for row in runs:
         print(f"{row['readapt_batch']:>6}{row['seconds']:>10.1f}{row['scenarios_per_s']:>13.1f}")
-    write_report(args.name, {"scenarios": args.scenarios, "runs": runs})
+    print(
+        f"the library, {library['threads']} threads, batches of {top}: "
+        f"{library['same_scenarios_per_s']:.1f} scenarios/s on these scenarios, "
+        f"{library['synthetic_batched_per_s']:.1f} on adaptation_speed's reference batch"
+    )
+    report = {"scenarios": args.scenarios, "compiled": args.compile, "runs": runs}
+    write_report(args.name, report | {"library": library})
     return 0
+
+
+def library_rate(
+    stack: Stack, scenarios: list[Scenario], count: int, batch: int
+) -> dict[str, float | int]:
+    """The library adapting the same registrations (`count` of them, as the copies are) in
+    batches of `batch` with the compiled step on every core, in this process: the rate
+    re-adaptation is held to. The service's own id resolution (service/adaptation.py) gives
+    the table rows, outside the timing."""
+    learners = MetaLearners(stack.registry, torch.device("cpu"))
+    learners.refresh()
+    loaded = learners.current
+    learner = loaded.learner(None)
+    resolved = []
+    for k in range(count):
+        scenario = scenarios[k % len(scenarios)]
+        interactions = [(i["user"], i["item"]) for i in scenario.body["interactions"]]
+        registered = registration(interactions, scenario.body["candidates"], None, 0)
+        resolved.append(resolve(loaded, f"copy-{k}", registered, 1).scenario)
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    meta, config, tables = learner.meta, learner.config, loaded.tables
+    adapt_scenarios(meta, config, tables, resolved[:batch], 0, compiled=True)  # compiles
+    start = time.perf_counter()
+    for first in range(0, count, batch):
+        adapt_scenarios(meta, config, tables, resolved[first : first + batch], 0, compiled=True)
+    seconds = time.perf_counter() - start
+    return {"threads": threads, "batch": batch, "same_scenarios_per_s": count / seconds}
 
 
 if __name__ == "__main__":

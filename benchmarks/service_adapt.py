@@ -3,14 +3,13 @@
 the same run (issue 24: the service took ~4.3 ms per step where the library takes 1.4).
 
 The stack as deployed (Redis, `s2meta serve`), a meta learner trained on LastFM with a tiny
-budget (64-dim embeddings), the interaction variant. Once the API is ready the script waits
-(--compiled-timeout, or not at all with --no-wait-compiled) until its
-s2meta_adaptation_compiled{variant="interaction"} gauge is 1, i.e. the service adapts with the
-compiled step; a service without that gauge is measured as it is, with a note. Then the LastFM
-meta-test scenarios with pools of 300 to 1,000 candidates are posted one at a time, each
---repeats times under distinct scenario ids (so none is answered `reused`), after one
-discarded warm-up post. From each answer, the server-side `duration_ms` and `steps`: reported
-are the median and p90 of duration_ms / steps over the posts, the total (the sum of
+budget (64-dim embeddings), the interaction variant. For each --adapt-threads value the API
+is (re)started with that S2META_ADAPT_THREADS, and the script waits until its background
+compile of the adaptation step is over (--no-compile: the service adapts eagerly). Then
+the LastFM meta-test scenarios with pools of 300 to 1,000 candidates are posted one at a
+time, each --repeats times under distinct scenario ids (so none is answered `reused`), after
+one discarded warm-up post. From each answer, the server-side `duration_ms` and `steps`:
+reported are the median and p90 of duration_ms / steps over the posts, the total (the sum of
 duration_ms over the sum of steps), the median steps and the median duration. With the API
 and Redis stopped (the cores quiet), the library's figure: one scenario, fused cell and
 compiled step, one thread, 20 steps without an early stop (benchmarks/adaptation_speed.py);
@@ -18,8 +17,8 @@ then the ratio service / library (of the medians) and whether the issue's target
 (TARGET_*) are met.
 
 Prints a table and writes benchmarks/results/service_adapt.json (--name). Not part of the test
-run. Run: python -m benchmarks.service_adapt [--repeats 5] [--no-wait-compiled]
-[--compiled-timeout 600]
+run. Run: python -m benchmarks.service_adapt [--repeats 5] [--adapt-threads 1,0]
+[--no-compile]
 """
 
 import argparse
@@ -27,7 +26,6 @@ import secrets
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -37,44 +35,10 @@ from benchmarks.harness import Scenario, Stack, percentile, start_lastfm_stack
 from benchmarks.report import write_report
 
 VARIANT = "interaction"
-COMPILED_GAUGE = "s2meta_adaptation_compiled"
 # The issue's targets: the service's server-side ms per step at most this share of the
 # library's one-thread figure, and at most this many ms.
 TARGET_RATIO = 1.2
 TARGET_MS_PER_STEP = 1.5
-
-
-def compiled_gauge(base_url: str, variant: str) -> float | None:
-    """The API's compiled-step gauge for the variant: None where /metrics has no such gauge,
-    0 while no sample for the variant is there yet (warming up). The least over samples,
-    so with several workers it is 1 only once every one adapts compiled."""
-    text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    if COMPILED_GAUGE not in text:
-        return None
-    values = [
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(f"{COMPILED_GAUGE}{{") and f'variant="{variant}"' in line
-    ]
-    return min(values, default=0.0)
-
-
-def wait_for_compiled(stack: Stack, timeout_s: float) -> tuple[float | None, float]:
-    """Wait until the API adapts the variant with the compiled step (or the timeout passes);
-    the gauge's last value and the seconds waited."""
-    start = time.perf_counter()
-    while True:
-        value = compiled_gauge(stack.base_url, VARIANT)
-        waited = time.perf_counter() - start
-        if value is None:
-            return value, waited
-        if value >= 1:
-            print(f"the compiled step is in use after {waited:.0f} s", flush=True)
-            return value, waited
-        if waited > timeout_s:
-            print(f"warning: {COMPILED_GAUGE} still {value:g} after {timeout_s:.0f} s; going on")
-            return value, waited
-        time.sleep(1)
 
 
 def post_adapt(stack: Stack, scenario_id: str, scenario: Scenario) -> dict[str, object]:
@@ -93,16 +57,16 @@ def post_adapt(stack: Stack, scenario_id: str, scenario: Scenario) -> dict[str, 
 
 
 def time_adaptations(
-    stack: Stack, scenarios: list[Scenario], repeats: int
+    stack: Stack, scenarios: list[Scenario], repeats: int, prefix: str
 ) -> list[dict[str, object]]:
     """Every scenario posted `repeats` times, one post at a time; per post its id, steps
     and server-side duration."""
-    post_adapt(stack, f"warmup-{scenarios[0].scenario_id}", scenarios[0])
+    post_adapt(stack, f"{prefix}warmup-{scenarios[0].scenario_id}", scenarios[0])
     posts = []
     for repeat in range(repeats):
         for scenario in scenarios:
             # A new id is a new scenario (and new seeded draws): never a reused answer.
-            scenario_id = f"r{repeat}-{scenario.scenario_id}"
+            scenario_id = f"{prefix}r{repeat}-{scenario.scenario_id}"
             body = post_adapt(stack, scenario_id, scenario)
             steps, duration_ms = int(body["steps"]), float(body["duration_ms"])
             posts.append(
@@ -132,56 +96,66 @@ def summarise(posts: list[dict[str, object]]) -> dict[str, float | None]:
     }
 
 
-def print_table(
-    service: dict[str, float | None],
-    library: dict[str, object],
-    ratio: float,
-    gauge: float | None,
-) -> None:
+def print_table(runs: list[dict[str, object]], library: dict[str, object]) -> None:
     met = {True: "met", False: "not met"}
-    state = "absent" if gauge is None else f"{gauge:g}"
-    print(f"server-side adaptation ({VARIANT}), {service['posts']} posts, compiled gauge {state}")
-    print(f"{'':28}{'ms/step':>9}")
-    print(f"{'service, median':28}{service['ms_per_step_median']:>9.2f}")
-    print(f"{'service, p90':28}{service['ms_per_step_p90']:>9.2f}")
-    print(f"{'service, total':28}{service['ms_per_step_total']:>9.2f}")
-    print(f"{'library, one thread':28}{library['ms_per_step']:>9.2f}")
-    print(
-        f"median steps {service['steps_median']:g}, median duration "
-        f"{service['duration_ms_median']:.1f} ms; library {library['median_ms']:.1f} ms per "
-        f"{library['steps']} steps"
-    )
-    ratio_met = met[ratio <= TARGET_RATIO]
-    step_met = met[service["ms_per_step_median"] <= TARGET_MS_PER_STEP]
-    print(f"ratio service / library {ratio:.2f} (target <= {TARGET_RATIO}): {ratio_met}")
-    print(
-        f"service ms per step {service['ms_per_step_median']:.2f} "
-        f"(target <= {TARGET_MS_PER_STEP}): {step_met}"
-    )
+    print(f"server-side adaptation ({VARIANT}), ms per step")
+    print(f"{'':30}{'median':>8}{'p90':>8}{'total':>8}{'ratio':>7}  targets")
+    for run in runs:
+        service = run["service"]
+        label = f"service, adapt threads {run['adapt_threads']}"
+        targets = run["targets"]
+        print(
+            f"{label:30}{service['ms_per_step_median']:>8.2f}{service['ms_per_step_p90']:>8.2f}"
+            f"{service['ms_per_step_total']:>8.2f}{run['ratio']:>7.2f}  ratio "
+            f"{met[targets['ratio_met']]}, ms {met[targets['ms_per_step_met']]}"
+        )
+        print(
+            f"{'':30}median {service['steps_median']:g} steps, "
+            f"{service['duration_ms_median']:.1f} ms; compiled after {run['compiled_after_s']}"
+        )
+    print(f"{'library, one thread':30}{library['ms_per_step']:>8.2f}")
+    print(f"targets: ratio <= {TARGET_RATIO} and <= {TARGET_MS_PER_STEP} ms per step")
+
+
+def measure_service(
+    stack: Stack, scenarios: list[Scenario], threads: int, repeats: int, compile_step: bool
+) -> dict[str, object]:
+    """The API (re)started with S2META_ADAPT_THREADS=threads, its compile over (or off), and
+    the scenarios posted."""
+    compile_setting = {} if compile_step else {"S2META_ADAPT_COMPILE": "false"}
+    stack.start_api({"S2META_ADAPT_THREADS": str(threads), **compile_setting})
+    waited = stack.compiled_after_s
+    try:
+        print(f"adapt threads {threads}: posting {len(scenarios)} x {repeats} ...", flush=True)
+        posts = time_adaptations(stack, scenarios, repeats, f"t{threads}-")
+    finally:
+        stack.stop_api()
+    return {"adapt_threads": threads, "compiled_after_s": waited, "posts": posts}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5, help="posts per scenario")
-    parser.add_argument("--no-wait-compiled", action="store_true", help="measure at once")
-    parser.add_argument("--compiled-timeout", type=float, default=600, help="seconds")
+    parser.add_argument(
+        "--adapt-threads", default="1,0", help="S2META_ADAPT_THREADS values (0: one per core)"
+    )
+    parser.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="the service adapts eagerly (S2META_ADAPT_COMPILE=false)",
+    )
     parser.add_argument("--library-repeats", type=int, default=40)
     parser.add_argument("--name", default="service_adapt", help="results file name")
     args = parser.parse_args()
-    gauge: dict[str, float | None] = {"before": None, "after": None, "waited_s": 0.0}
+    runs = []
     with tempfile.TemporaryDirectory(prefix="s2meta-service-adapt-") as scratch:
         stack = Stack(Path(scratch), secrets.token_hex(16))
         try:
             scenarios = start_lastfm_stack(stack, "service_adapt")
-            if args.no_wait_compiled:
-                gauge["before"] = compiled_gauge(stack.base_url, VARIANT)
-            else:
-                gauge["before"], gauge["waited_s"] = wait_for_compiled(stack, args.compiled_timeout)
-            if gauge["before"] is None:
-                print(f"note: /metrics has no {COMPILED_GAUGE}; measuring the service as it is")
-            print(f"posting {len(scenarios)} scenarios x {args.repeats} ...", flush=True)
-            posts = time_adaptations(stack, scenarios, args.repeats)
-            gauge["after"] = compiled_gauge(stack.base_url, VARIANT)
+            stack.stop_api()
+            for threads in (int(value) for value in args.adapt_threads.split(",")):
+                runs.append(measure_service(stack, scenarios, threads, args.repeats, args.compile))
         finally:
             stack.close()
     print("the library's figure (fused cell, compiled step, one thread) ...", flush=True)
@@ -195,27 +169,28 @@ def main() -> int:
         "update_cell": timing.update_cell,
         "threads": timing.threads,
     }
-    service = summarise(posts)
-    ratio = service["ms_per_step_median"] / timing.ms_per_step
-    print_table(service, library, ratio, gauge["after"])
+    for run in runs:
+        service = summarise(run["posts"])
+        ratio = service["ms_per_step_median"] / timing.ms_per_step
+        run |= {
+            "service": service,
+            "ratio": ratio,
+            "ratio_total": service["ms_per_step_total"] / timing.ms_per_step,
+            "targets": {
+                "ratio_met": ratio <= TARGET_RATIO,
+                "ms_per_step_met": service["ms_per_step_median"] <= TARGET_MS_PER_STEP,
+            },
+        }
+    print_table(runs, library)
     write_report(
         args.name,
         {
             "variant": VARIANT,
             "scenarios": len(scenarios),
             "repeats": args.repeats,
-            "compiled_gauge": gauge,
-            "service": service,
             "library": library,
-            "ratio": ratio,
-            "ratio_total": service["ms_per_step_total"] / timing.ms_per_step,
-            "targets": {
-                "ratio_max": TARGET_RATIO,
-                "ms_per_step_max": TARGET_MS_PER_STEP,
-                "ratio_met": ratio <= TARGET_RATIO,
-                "ms_per_step_met": service["ms_per_step_median"] <= TARGET_MS_PER_STEP,
-            },
-            "posts": posts,
+            "targets": {"ratio_max": TARGET_RATIO, "ms_per_step_max": TARGET_MS_PER_STEP},
+            "runs": runs,
         },
     )
     return 0
