@@ -1,5 +1,7 @@
 # The API image for NVIDIA GPUs: CUDA base, the gpu extra (faiss-gpu), torch's CUDA build;
-# adaptation and scoring run on the GPU (the fused CPU cell is not used there).
+# adaptation and scoring run on the GPU (the fused CPU cell is not used there). The final
+# stage keeps gcc and Python's headers: Triton builds its launcher when torch.compile
+# compiles the adaptation step at start (service/compilation.py).
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 FROM ${CUDA_IMAGE} AS build
@@ -27,7 +29,7 @@ FROM ${CUDA_IMAGE}
 # The same interpreter the build stage's environment links to.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 \
+    && apt-get install -y --no-install-recommends python3 python3-dev gcc \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 s2meta \
     && useradd --system --uid 10001 --gid s2meta --no-create-home --shell /usr/sbin/nologin s2meta

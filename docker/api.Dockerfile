@@ -1,6 +1,7 @@
 # The API image for CPU: model/ and service/ with faiss-cpu, the compiled kernels (the fused
-# update cell, the ranking kernel) built in the build stage; no training stack, no compiler,
-# no caches in the final stage.
+# update cell, the ranking kernel) built in the build stage; no training stack and no caches
+# in the final stage. It keeps g++: torch.compile builds the adaptation step's kernels when
+# the service starts (service/compilation.py; without it the eager step serves).
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -32,7 +33,11 @@ RUN pip install ".[cpu,otel]" \
     && python -m model.kernels "$site"
 
 FROM ${PYTHON_IMAGE}
-RUN groupadd --system --gid 10001 s2meta \
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 s2meta \
     && useradd --system --uid 10001 --gid s2meta --no-create-home --shell /usr/sbin/nologin s2meta
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
