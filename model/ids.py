@@ -157,6 +157,32 @@ class IdTable(Sequence[str]):
             return int(self.order[k])
         return None
 
+    def rows_of(self, keys: Sequence[object]) -> np.ndarray:
+        """[len(keys)] int64: each key's row as `row` gives it, -1 where it has none; one
+        search for all of them (a pool of thousands of candidates at once)."""
+        found = np.full(len(keys), -1, dtype=np.int64)
+        width = self.ids.dtype.itemsize
+        positions, values = [], []
+        for position, key in enumerate(keys):
+            if not isinstance(key, str):
+                continue
+            try:
+                value = key.encode(ENCODING, ERRORS)
+            except UnicodeEncodeError:
+                continue
+            # No id ends in NUL, which the fixed-width comparison below would not see.
+            if len(value) <= width and not value.endswith(b"\0"):
+                positions.append(position)
+                values.append(value)
+        if not values or not len(self):
+            return found
+        wanted = np.array(values, dtype=self.ids.dtype)
+        at = np.minimum(np.searchsorted(self.ids, wanted, sorter=self.order), len(self) - 1)
+        rows = self.order[at]
+        hit = self.ids[rows] == wanted
+        found[np.asarray(positions)[hit]] = rows[hit]
+        return found
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -178,6 +204,10 @@ class IdRows(Mapping[str, int]):
 
     def __init__(self, table: IdTable) -> None:
         self._table = table
+
+    @property
+    def table(self) -> IdTable:
+        return self._table
 
     def __getitem__(self, key: str) -> int:
         row = self._table.row(key)

@@ -85,19 +85,22 @@ def resolve(
         raise AdaptationInputError(
             f"{len(registration.candidates)} candidate(s): a pool needs at least 2 items"
         )
-    folded = fold_registration(loaded, registration.interactions, registration.candidates)
+    candidates = registration.candidates
+    # One search over the tables for all candidates and users (pools run to thousands).
+    candidate_rows = loaded.embedded_item_rows(candidates)
+    folded = fold_registration(loaded, registration.interactions, candidates, candidate_rows)
     num_users, num_items = len(loaded.artifact.user_ids), len(loaded.artifact.item_ids)
+    users = list(dict.fromkeys(user for user, _ in registration.interactions))
+    rows = loaded.user_rows.table.rows_of(users)
     user_rows = {
-        user: loaded.user_rows[user]
-        for user, _ in registration.interactions
-        if loaded.has_embedding(user)
+        user: int(row)
+        for user, row in zip(users, rows, strict=True)
+        if row >= 0 and loaded.user_has_embedding[row]
     }
     user_rows |= {user: num_users + k for k, user in enumerate(folded.users)}
-    folded_items = set(folded.items)
-    known_pool = sorted(
-        loaded.item_rows[item] for item in registration.candidates if item not in folded_items
-    )
-    item_rows = {loaded.artifact.item_ids[row]: row for row in known_pool}
+    known = np.flatnonzero(candidate_rows >= 0)
+    known = known[np.argsort(candidate_rows[known], kind="stable")]  # the known pool by row
+    item_rows = {candidates[k]: int(candidate_rows[k]) for k in known}
     item_rows |= {item: num_items + k for k, item in enumerate(folded.items)}
     used = [(user, item) for user, item in registration.interactions if user in user_rows]
     if len(used) < min_interactions:
@@ -105,7 +108,7 @@ def resolve(
             f"{len(used)} usable interaction(s) after dropping users that cannot be folded "
             f"in, at least {min_interactions} needed"
         )
-    pool_ids = [loaded.artifact.item_ids[row] for row in known_pool] + folded.items
+    pool_ids = [candidates[k] for k in known] + folded.items
     scenario = ScenarioInput(
         scenario_id=scenario_id,
         users=np.array([user_rows[user] for user, _ in used], dtype=np.int64),

@@ -11,6 +11,7 @@ items has a nonzero vector cannot be folded and is ignored.
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,18 +55,19 @@ def stored_item_vectors(tensors: dict[str, Tensor], count: int, dim: int) -> Ten
     return vectors
 
 
-def is_known_item(loaded: LoadedVersion, item: str) -> bool:
-    row = loaded.item_rows.get(item)
-    return row is not None and bool(loaded.item_has_embedding[row])
-
-
 def fold_registration(
-    loaded: LoadedVersion, interactions: list[tuple[str, str]], candidates: list[str]
+    loaded: LoadedVersion,
+    interactions: list[tuple[str, str]],
+    candidates: list[str],
+    candidate_rows: np.ndarray | None = None,
 ) -> Folded:
+    """candidate_rows: `loaded.embedded_item_rows(candidates)`, where the caller has it."""
     settings = loaded.fold_settings
     tables = loaded.tables
     dim, device = tables.item.shape[1], tables.item.device
-    new_items = [item for item in candidates if not is_known_item(loaded, item)]
+    if candidate_rows is None:
+        candidate_rows = loaded.embedded_item_rows(candidates)
+    new_items = [candidates[k] for k in np.flatnonzero(candidate_rows < 0)]
     known_users: dict[str, list[int]] = {item: [] for item in new_items}
     for user, item in interactions:
         if item in known_users and loaded.has_embedding(user):

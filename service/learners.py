@@ -4,7 +4,7 @@ versions while a stored scenario still serves from one (its embeddings and id ma
 import functools
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from model.artifact import (
 )
 from model.errors import ArtifactError
 from model.fold_in import FoldInSettings, fold_in_settings, gram
-from model.ids import IdTable
+from model.ids import IdRows, IdTable
 from model.learner import Tables
 
 logger = logging.getLogger(__name__)
@@ -37,8 +37,8 @@ class LoadedVersion:
 
     version: str
     artifact: Artifact
-    user_rows: Mapping[str, int]
-    item_rows: Mapping[str, int]
+    user_rows: IdRows
+    item_rows: IdRows
     user_has_embedding: np.ndarray  # [U] bool: a nonzero pretrained vector
     item_has_embedding: np.ndarray  # [I] bool
 
@@ -52,6 +52,13 @@ class LoadedVersion:
     def has_embedding(self, user: str) -> bool:
         row = self.user_rows.get(user)
         return row is not None and bool(self.user_has_embedding[row])
+
+    def embedded_item_rows(self, items: Sequence[str]) -> np.ndarray:
+        """[len(items)] int64: each item's row where it has a nonzero vector, else -1 (not
+        in the table, or a zero row: both are folded in); one search for all."""
+        rows = self.item_rows.table.rows_of(items)
+        embedded = self.item_has_embedding[np.maximum(rows, 0)] & (rows >= 0)
+        return np.where(embedded, rows, -1)
 
     # Fold-in's inputs, computed once per loaded version on first use (model/fold_in.py).
     @functools.cached_property

@@ -58,6 +58,11 @@ def assert_same_lookups(rows, ids: list[str]) -> None:
     with pytest.raises(KeyError):
         rows["a\0"]
     assert len(rows) == len(ids) and list(rows) == ids
+    # The batched lookup answers as the single one.
+    keys = [*ids, *UNKNOWN, None, 3, "a\0", ids[0] + "\0", ids[-1][:-1]]
+    found = rows.table.rows_of(keys)
+    assert found.tolist() == [expected.get(key, -1) for key in keys]
+    assert rows.table.rows_of([]).tolist() == []
 
 
 def test_tables_are_views_of_the_artifact_file(artifact):
