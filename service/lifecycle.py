@@ -142,8 +142,23 @@ class MetaLearnerLifecycle:
                 logger.info("re-adaptation waits for the adaptation step to compile")
                 await asyncio.to_thread(compiler.wait, COMPILE_WAIT_S)
             size = self.settings.readapt_batch
-            for start in range(0, len(todo), size):
-                await self._readapt(todo[start : start + size], current)
+            batches = [todo[start : start + size] for start in range(0, len(todo), size)]
+            # The next batch's locks and reads overlap this one's adaptation (on the pool).
+            taken = await self._take(batches[0], current) if batches else None
+            for k in range(len(batches)):
+                assert taken is not None
+                following = (
+                    asyncio.create_task(self._take(batches[k + 1], current))
+                    if k + 1 < len(batches)
+                    else None
+                )
+                try:
+                    await self._readapt(taken, current)
+                except BaseException:
+                    if following is not None:
+                        await self._release((await following)[0], current)
+                    raise
+                taken = await following if following is not None else None
             referenced = set()
             backlog = 0
             async for meta in self._all_meta():
@@ -154,8 +169,11 @@ class MetaLearnerLifecycle:
             if dropped:
                 logger.info("unloaded meta learners no scenario uses: %s", dropped)
 
-    async def _readapt(self, scenario_ids: list[str], current: LoadedVersion) -> None:
-        """Re-adapt these scenarios together, those no other replica has taken."""
+    async def _take(
+        self, scenario_ids: list[str], current: LoadedVersion
+    ) -> tuple[dict[str, str], list[tuple[str, StoredScenario]]]:
+        """Lock the scenarios no other replica has taken, and read those still stale: the
+        locks held (released by `_readapt`, or here on an error) and the work."""
         locks: dict[str, str] = {}
         try:
             for scenario_id in scenario_ids:
@@ -168,11 +186,27 @@ class MetaLearnerLifecycle:
                 stored = await self.store.get(scenario_id)
                 if stored is not None and stored.state.meta["meta_learner"] != current.version:
                     work.append((scenario_id, stored))
+        except BaseException:
+            await self._release(locks, current)
+            raise
+        return locks, work
+
+    async def _readapt(
+        self,
+        taken: tuple[dict[str, str], list[tuple[str, StoredScenario]]],
+        current: LoadedVersion,
+    ) -> None:
+        """Re-adapt a batch `_take` took, together; then release its locks."""
+        locks, work = taken
+        try:
             if work:
                 await self._readapt_batch(work, current)
         finally:
-            for scenario_id, token in locks.items():
-                await self.store.release_lock(f"readapt:{scenario_id}:{current.version}", token)
+            await self._release(locks, current)
+
+    async def _release(self, locks: dict[str, str], current: LoadedVersion) -> None:
+        for scenario_id, token in locks.items():
+            await self.store.release_lock(f"readapt:{scenario_id}:{current.version}", token)
 
     async def _readapt_batch(
         self, work: list[tuple[str, StoredScenario]], current: LoadedVersion
