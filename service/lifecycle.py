@@ -142,23 +142,9 @@ class MetaLearnerLifecycle:
                 logger.info("re-adaptation waits for the adaptation step to compile")
                 await asyncio.to_thread(compiler.wait, COMPILE_WAIT_S)
             size = self.settings.readapt_batch
-            batches = [todo[start : start + size] for start in range(0, len(todo), size)]
-            # The next batch's locks and reads overlap this one's adaptation (on the pool).
-            taken = await self._take(batches[0], current) if batches else None
-            for k in range(len(batches)):
-                assert taken is not None
-                following = (
-                    asyncio.create_task(self._take(batches[k + 1], current))
-                    if k + 1 < len(batches)
-                    else None
-                )
-                try:
-                    await self._readapt(taken, current)
-                except BaseException:
-                    if following is not None:
-                        await self._release((await following)[0], current)
-                    raise
-                taken = await following if following is not None else None
+            await self._readapt_in_turn(
+                [todo[start : start + size] for start in range(0, len(todo), size)], current
+            )
             referenced = set()
             backlog = 0
             async for meta in self._all_meta():
@@ -168,6 +154,23 @@ class MetaLearnerLifecycle:
             dropped = self.learners.retain(referenced | self.service.cache.versions())
             if dropped:
                 logger.info("unloaded meta learners no scenario uses: %s", dropped)
+
+    async def _readapt_in_turn(self, batches: list[list[str]], current: LoadedVersion) -> None:
+        """Re-adapt the batches one after another on the adaptation pool, each batch's locks,
+        reads and writes beside its neighbours' adaptation: two batches in flight at most."""
+        in_flight: list[asyncio.Task[None]] = []
+        try:
+            for batch in batches:
+                taken = await self._take(batch, current)
+                in_flight.append(asyncio.create_task(self._readapt(taken, current)))
+                if len(in_flight) > 1:
+                    await in_flight.pop(0)
+            while in_flight:
+                await in_flight.pop(0)
+        finally:
+            for task in in_flight:  # after an error or a cancellation: their locks go
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
 
     async def _take(
         self, scenario_ids: list[str], current: LoadedVersion
