@@ -6,18 +6,19 @@ The stack as deployed (Redis, `s2meta serve`), a meta learner trained on LastFM 
 budget (64-dim embeddings), the interaction variant. For each --adapt-threads value the API
 is (re)started with that S2META_ADAPT_THREADS, and the script waits until its background
 compile of the adaptation step is over (--no-compile: the service adapts eagerly). Then
-the LastFM meta-test scenarios with pools of 300 to 1,000 candidates are posted one at a
-time, each --repeats times under distinct scenario ids (so none is answered `reused`), after
-one discarded warm-up post. From each answer, the server-side `duration_ms` and `steps`:
-reported are the median and p90 of duration_ms / steps over the posts, the total (the sum of
-duration_ms over the sum of steps), the median steps and the median duration. With the API
-and Redis stopped (the cores quiet), the library's figure: one scenario, fused cell and
-compiled step, one thread, 20 steps without an early stop (benchmarks/adaptation_speed.py),
-measured before the stack starts and after it stops, the faster kept; then the ratio
-service / library (of the medians) and whether the issue's targets (TARGET_*) are met.
+--rounds rounds, each of the library's figure (one scenario, fused cell and compiled step,
+one thread, 20 steps without an early stop: benchmarks/adaptation_speed.py; in this
+process, the API idle) and of the LastFM meta-test scenarios with pools of 300 to 1,000
+candidates posted once each, one at a time, under new scenario ids (so none is answered
+`reused`); one discarded warm-up post first. Rounds alternate because the machine's speed
+moves during a run: both sides of a round's ratio see it at the same speed. From each
+answer, the server-side `duration_ms` and `steps`: reported are the median and p90 of
+duration_ms / steps over the posts, the total (the sum of duration_ms over the sum of
+steps), the median steps and duration, each round's ratio of the service's median to the
+library's figure and their median, and whether the issue's targets (TARGET_*) are met.
 
 Prints a table and writes benchmarks/results/service_adapt.json (--name). Not part of the test
-run. Run: python -m benchmarks.service_adapt [--repeats 5] [--adapt-threads 1,0]
+run. Run: python -m benchmarks.service_adapt [--rounds 5] [--adapt-threads 1,0]
 [--no-compile]
 """
 
@@ -56,29 +57,23 @@ def post_adapt(stack: Stack, scenario_id: str, scenario: Scenario) -> dict[str, 
     return body
 
 
-def time_adaptations(
-    stack: Stack, scenarios: list[Scenario], repeats: int, prefix: str
-) -> list[dict[str, object]]:
-    """Every scenario posted `repeats` times, one post at a time; per post its id, steps
-    and server-side duration."""
-    post_adapt(stack, f"{prefix}warmup-{scenarios[0].scenario_id}", scenarios[0])
+def post_round(stack: Stack, scenarios: list[Scenario], prefix: str) -> list[dict[str, object]]:
+    """Every scenario posted once, one post at a time, under new ids (new seeded draws,
+    never a reused answer); per post its id, steps and server-side duration."""
     posts = []
-    for repeat in range(repeats):
-        for scenario in scenarios:
-            # A new id is a new scenario (and new seeded draws): never a reused answer.
-            scenario_id = f"{prefix}r{repeat}-{scenario.scenario_id}"
-            body = post_adapt(stack, scenario_id, scenario)
-            steps, duration_ms = int(body["steps"]), float(body["duration_ms"])
-            posts.append(
-                {
-                    "scenario": scenario_id,
-                    "candidates": len(scenario.body["candidates"]),
-                    "steps": steps,
-                    "duration_ms": duration_ms,
-                    "ms_per_step": duration_ms / steps,
-                }
-            )
-        print(f"  repeat {repeat + 1}/{repeats} posted", flush=True)
+    for scenario in scenarios:
+        scenario_id = f"{prefix}{scenario.scenario_id}"
+        body = post_adapt(stack, scenario_id, scenario)
+        steps, duration_ms = int(body["steps"]), float(body["duration_ms"])
+        posts.append(
+            {
+                "scenario": scenario_id,
+                "candidates": len(scenario.body["candidates"]),
+                "steps": steps,
+                "duration_ms": duration_ms,
+                "ms_per_step": duration_ms / steps,
+            }
+        )
     return posts
 
 
@@ -96,46 +91,84 @@ def summarise(posts: list[dict[str, object]]) -> dict[str, float | None]:
     }
 
 
-def print_table(runs: list[dict[str, object]], library: dict[str, object]) -> None:
+def print_table(runs: list[dict[str, object]]) -> None:
     met = {True: "met", False: "not met"}
     print(f"server-side adaptation ({VARIANT}), ms per step")
-    print(f"{'':30}{'median':>8}{'p90':>8}{'total':>8}{'ratio':>7}  targets")
+    print(f"{'':26}{'median':>8}{'p90':>8}{'library':>9}{'ratio':>7}  targets")
     for run in runs:
         service = run["service"]
         label = f"service, adapt threads {run['adapt_threads']}"
         targets = run["targets"]
         print(
-            f"{label:30}{service['ms_per_step_median']:>8.2f}{service['ms_per_step_p90']:>8.2f}"
-            f"{service['ms_per_step_total']:>8.2f}{run['ratio']:>7.2f}  ratio "
+            f"{label:26}{service['ms_per_step_median']:>8.2f}{service['ms_per_step_p90']:>8.2f}"
+            f"{run['library_ms_per_step_median']:>9.2f}{run['ratio']:>7.2f}  ratio "
             f"{met[targets['ratio_met']]}, ms {met[targets['ms_per_step_met']]}"
         )
         print(
-            f"{'':30}median {service['steps_median']:g} steps, "
-            f"{service['duration_ms_median']:.1f} ms; compiled after {run['compiled_after_s']}"
+            f"{'':26}median {service['steps_median']:g} steps, "
+            f"{service['duration_ms_median']:.1f} ms; round ratios "
+            f"{', '.join(f'{r:.2f}' for r in run['round_ratios'])}"
         )
-    print(f"{'library, one thread':30}{library['ms_per_step']:>8.2f}")
     print(f"targets: ratio <= {TARGET_RATIO} and <= {TARGET_MS_PER_STEP} ms per step")
 
 
 def measure_service(
-    stack: Stack, scenarios: list[Scenario], threads: int, repeats: int, compile_step: bool
+    stack: Stack,
+    scenarios: list[Scenario],
+    threads: int,
+    rounds: int,
+    compile_step: bool,
+    library_repeats: int,
 ) -> dict[str, object]:
-    """The API (re)started with S2META_ADAPT_THREADS=threads, its compile over (or off), and
-    the scenarios posted."""
+    """The API (re)started with S2META_ADAPT_THREADS=threads, its compile over (or off);
+    then rounds of the library's figure (this process, the API idle) and every scenario
+    posted once, so that both see the machine at the same speed."""
     compile_setting = {} if compile_step else {"S2META_ADAPT_COMPILE": "false"}
     stack.start_api({"S2META_ADAPT_THREADS": str(threads), **compile_setting})
     waited = stack.compiled_after_s
+    rounds_run = []
     try:
-        print(f"adapt threads {threads}: posting {len(scenarios)} x {repeats} ...", flush=True)
-        posts = time_adaptations(stack, scenarios, repeats, f"t{threads}-")
+        post_adapt(stack, f"t{threads}-warmup", scenarios[0])
+        for k in range(rounds):
+            library = one_scenario_timing(repeats=library_repeats)
+            posts = post_round(stack, scenarios, f"t{threads}-r{k}-")
+            rounds_run.append({"library_ms_per_step": library.ms_per_step, "posts": posts})
+            service = statistics.median(float(p["ms_per_step"]) for p in posts)
+            print(
+                f"  adapt threads {threads}, round {k + 1}/{rounds}: service {service:.2f}, "
+                f"library {library.ms_per_step:.2f} ms per step",
+                flush=True,
+            )
     finally:
         stack.stop_api()
-    return {"adapt_threads": threads, "compiled_after_s": waited, "posts": posts}
+    posts = [post for run in rounds_run for post in run["posts"]]
+    service = summarise(posts)
+    round_ratios = [
+        statistics.median(float(p["ms_per_step"]) for p in run["posts"])
+        / float(run["library_ms_per_step"])
+        for run in rounds_run
+    ]
+    ratio = statistics.median(round_ratios)
+    return {
+        "adapt_threads": threads,
+        "compiled_after_s": waited,
+        "service": service,
+        "library_ms_per_step_median": statistics.median(
+            float(run["library_ms_per_step"]) for run in rounds_run
+        ),
+        "round_ratios": round_ratios,
+        "ratio": ratio,
+        "targets": {
+            "ratio_met": ratio <= TARGET_RATIO,
+            "ms_per_step_met": service["ms_per_step_median"] <= TARGET_MS_PER_STEP,
+        },
+        "rounds": rounds_run,
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=5, help="posts per scenario")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of library and posts")
     parser.add_argument(
         "--adapt-threads", default="1,0", help="S2META_ADAPT_THREADS values (0: one per core)"
     )
@@ -145,13 +178,9 @@ def main() -> int:
         action="store_false",
         help="the service adapts eagerly (S2META_ADAPT_COMPILE=false)",
     )
-    parser.add_argument("--library-repeats", type=int, default=40)
+    parser.add_argument("--library-repeats", type=int, default=10)
     parser.add_argument("--name", default="service_adapt", help="results file name")
     args = parser.parse_args()
-    # The library before and after the service, the faster of the two kept: the machine's
-    # speed moves during a run, and the ratio then errs against the service.
-    print("the library's figure (fused cell, compiled step, one thread) ...", flush=True)
-    timings = [one_scenario_timing(repeats=args.library_repeats)]
     runs = []
     with tempfile.TemporaryDirectory(prefix="s2meta-service-adapt-") as scratch:
         stack = Stack(Path(scratch), secrets.token_hex(16))
@@ -159,42 +188,21 @@ def main() -> int:
             scenarios = start_lastfm_stack(stack, "service_adapt")
             stack.stop_api()
             for threads in (int(value) for value in args.adapt_threads.split(",")):
-                runs.append(measure_service(stack, scenarios, threads, args.repeats, args.compile))
+                runs.append(
+                    measure_service(
+                        stack, scenarios, threads, args.rounds, args.compile, args.library_repeats
+                    )
+                )
         finally:
             stack.close()
-    print("the library's figure again ...", flush=True)
-    timings.append(one_scenario_timing(repeats=args.library_repeats))
-    timing = min(timings, key=lambda t: t.ms_per_step)
-    library = {
-        "ms_per_step_before_and_after": [t.ms_per_step for t in timings],
-        "median_ms": timing.median_ms,
-        "p90_ms": timing.p90_ms,
-        "ms_per_step": timing.ms_per_step,
-        "steps": timing.steps,
-        "compiled": timing.compiled,
-        "update_cell": timing.update_cell,
-        "threads": timing.threads,
-    }
-    for run in runs:
-        service = summarise(run["posts"])
-        ratio = service["ms_per_step_median"] / timing.ms_per_step
-        run |= {
-            "service": service,
-            "ratio": ratio,
-            "ratio_total": service["ms_per_step_total"] / timing.ms_per_step,
-            "targets": {
-                "ratio_met": ratio <= TARGET_RATIO,
-                "ms_per_step_met": service["ms_per_step_median"] <= TARGET_MS_PER_STEP,
-            },
-        }
-    print_table(runs, library)
+    print_table(runs)
     write_report(
         args.name,
         {
             "variant": VARIANT,
             "scenarios": len(scenarios),
-            "repeats": args.repeats,
-            "library": library,
+            "rounds": args.rounds,
+            "library": "one scenario, fused cell, compiled step, one thread, 20 steps",
             "targets": {"ratio_max": TARGET_RATIO, "ms_per_step_max": TARGET_MS_PER_STEP},
             "runs": runs,
         },
