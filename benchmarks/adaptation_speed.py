@@ -157,34 +157,33 @@ def one_scenario_timing(
         torch.set_num_threads(threads)
 
 
+def batched_per_s(reference: Reference, scenarios: int) -> float:
+    """Scenarios per second adapting `scenarios` at once (compiled, 20 steps each), on the
+    caller's torch threads."""
+    many, uniforms = synthetic_batch(reference.config, scenarios, 1, reference.tables.user.device)
+    with torch.no_grad():
+        times = time_calls(
+            lambda: adapt(
+                reference.meta, reference.config, reference.tables, many, uniforms, compiled=True
+            ),
+            3,
+        )
+    return scenarios / (statistics.median(times) / 1000)
+
+
 def batched_scenarios_per_s(
     scenarios: int = 64, threads: int | None = None, device: str = "cpu"
 ) -> float:
-    """The library's batched figure: scenarios per second adapting `scenarios` at once
-    (compiled, 20 steps each), on `threads` threads on the CPU (default: one per core); the
-    caller's thread count is restored afterwards."""
+    """The library's batched figure (`batched_per_s`) on `threads` threads on the CPU
+    (default: one per core); the caller's thread count is restored afterwards."""
     where = torch.device(device)
-    reference = Reference.on(where)
-    many, uniforms = synthetic_batch(reference.config, scenarios, 1, where)
     before = torch.get_num_threads()
     if where.type == "cpu":
         torch.set_num_threads(threads or os.cpu_count() or 1)
     try:
-        with torch.no_grad():
-            times = time_calls(
-                lambda: adapt(
-                    reference.meta,
-                    reference.config,
-                    reference.tables,
-                    many,
-                    uniforms,
-                    compiled=True,
-                ),
-                3,
-            )
+        return batched_per_s(Reference.on(where), scenarios)
     finally:
         torch.set_num_threads(before)
-    return scenarios / (statistics.median(times) / 1000)
 
 
 def step_flops(config: LearnerConfig) -> float:
@@ -247,7 +246,6 @@ def main() -> None:
             "floor_ms": flops / (rate * 1e9) * 1000,
         }
 
-    many, many_uniforms = synthetic_batch(config, args.batch_scenarios, 1, device)
     trainable = {k: v.clone().requires_grad_(True) for k, v in meta.items()}
     train8, uniforms8 = synthetic_batch(config, 8, 2, device)
     test8 = {k: v[:, 0] for k, v in train8.items()}
@@ -263,11 +261,7 @@ def main() -> None:
         if threads is not None:
             torch.set_num_threads(threads)
         label = f"{threads}_threads" if threads is not None else "device"
-        with torch.no_grad():
-            times = time_calls(
-                lambda: adapt(meta, config, tables, many, many_uniforms, compiled=True), 3
-            )
-        per_s = args.batch_scenarios / (statistics.median(times) / 1000)
+        per_s = batched_per_s(reference, args.batch_scenarios)
         figures[f"batched_scenarios_per_s_{label}"] = {
             "scenarios": args.batch_scenarios,
             "per_s": per_s,

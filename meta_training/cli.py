@@ -24,7 +24,7 @@ from meta_training.gate import DEFAULT_MARGIN
 from meta_training.methods import BASELINES
 from meta_training.registry import METHODS
 from meta_training.train_job import AUTO
-from model.errors import RecommenderError
+from model.errors import RecommenderError, settings_problems
 
 EXIT_USAGE = 2
 
@@ -38,10 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"s2meta: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors()
-        )
-        print(f"s2meta: error: invalid settings: {problems}", file=sys.stderr)
+        print(f"s2meta: error: invalid settings: {settings_problems(error)}", file=sys.stderr)
         return EXIT_USAGE
 
 

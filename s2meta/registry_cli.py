@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from model.artifact import PUBLISHED_EVENT
-from model.errors import ArtifactError
+from model.errors import ArtifactError, settings_problems
 from model.registry import (
     VersionInfo,
     current_or_none,
@@ -48,10 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"s2meta: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors()
-        )
-        print(f"s2meta: error: invalid settings: {problems}", file=sys.stderr)
+        print(f"s2meta: error: invalid settings: {settings_problems(error)}", file=sys.stderr)
         return EXIT_USAGE
 
 

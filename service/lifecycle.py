@@ -60,9 +60,9 @@ class MetaLearnerLifecycle:
         current = self.learners.current
         if current is not None:
             self.metrics.set_current_version(current.version)
-        if switched is not None and current is not None:
-            self.service.writes.compiler.warm(current)
         if switched is not None:
+            assert current is not None  # it just switched to it
+            self.service.writes.compiler.warm(current)
             try:
                 await self.store.publish({"type": PUBLISHED_EVENT, "version": switched})
             except StoreError as error:
