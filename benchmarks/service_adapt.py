@@ -6,20 +6,21 @@ The stack as deployed (Redis, `s2meta serve`), a meta learner trained on LastFM 
 budget (64-dim embeddings), the interaction variant. For each --adapt-threads value the API
 is (re)started with that S2META_ADAPT_THREADS, and the script waits until its background
 compile of the adaptation step is over (--no-compile: the service adapts eagerly). Then
---rounds rounds, each of the library's figure (one scenario, fused cell and compiled step,
-one thread, 20 steps without an early stop: benchmarks/adaptation_speed.py; in this
-process, the API idle) and of the LastFM meta-test scenarios with pools of 300 to 1,000
-candidates posted once each, one at a time, under new scenario ids (so none is answered
-`reused`); one discarded warm-up post first. Rounds alternate because the machine's speed
-moves during a run: both sides of a round's ratio see it at the same speed. From each
-answer, the server-side `duration_ms` and `steps`: reported are the median and p90 of
-duration_ms / steps over the posts, the total (the sum of duration_ms over the sum of
-steps), the median steps and duration, each round's ratio of the service's median to the
-library's figure and their median, and whether the issue's targets (TARGET_*) are met.
+--rounds rounds, in each of which the LastFM meta-test scenarios with pools of 300 to 1,000
+candidates are posted once each, one at a time, under new scenario ids (so none is answered
+`reused`); one discarded warm-up post first. Right before each post, the library's figure
+(one scenario, fused cell and compiled step, one thread, 20 steps without an early stop:
+benchmarks/adaptation_speed.py; the median of --library-repeats calls in this process, the
+API idle): the machine's speed moves by up to 1.7x within a run, so each post is compared
+with a library figure taken at the same speed. From each answer, the server-side
+`duration_ms` and `steps`: reported are the median and p90 of duration_ms / steps over the
+posts, the total (the sum of duration_ms over the sum of steps), the median steps and
+duration, the median over posts of each post's ms per step over its library figure (the
+ratio; also per round), and whether the issue's targets (TARGET_*) are met.
 
 Prints a table and writes benchmarks/results/service_adapt.json (--name). Not part of the test
 run. Run: python -m benchmarks.service_adapt [--rounds 5] [--adapt-threads 1,0]
-[--no-compile]
+[--library-repeats 3] [--no-compile]
 """
 
 import argparse
@@ -57,11 +58,15 @@ def post_adapt(stack: Stack, scenario_id: str, scenario: Scenario) -> dict[str, 
     return body
 
 
-def post_round(stack: Stack, scenarios: list[Scenario], prefix: str) -> list[dict[str, object]]:
+def post_round(
+    stack: Stack, scenarios: list[Scenario], prefix: str, library_repeats: int
+) -> list[dict[str, object]]:
     """Every scenario posted once, one post at a time, under new ids (new seeded draws,
-    never a reused answer); per post its id, steps and server-side duration."""
+    never a reused answer), each right after the library's figure (this process, the API
+    idle); per post its id, steps, server-side duration and its ratio to that figure."""
     posts = []
     for scenario in scenarios:
+        library = one_scenario_timing(repeats=library_repeats).ms_per_step
         scenario_id = f"{prefix}{scenario.scenario_id}"
         body = post_adapt(stack, scenario_id, scenario)
         steps, duration_ms = int(body["steps"]), float(body["duration_ms"])
@@ -72,6 +77,8 @@ def post_round(stack: Stack, scenarios: list[Scenario], prefix: str) -> list[dic
                 "steps": steps,
                 "duration_ms": duration_ms,
                 "ms_per_step": duration_ms / steps,
+                "library_ms_per_step": library,
+                "ratio": duration_ms / steps / library,
             }
         )
     return posts
@@ -130,31 +137,27 @@ def measure_service(
     try:
         post_adapt(stack, f"t{threads}-warmup", scenarios[0])
         for k in range(rounds):
-            library = one_scenario_timing(repeats=library_repeats)
-            posts = post_round(stack, scenarios, f"t{threads}-r{k}-")
-            rounds_run.append({"library_ms_per_step": library.ms_per_step, "posts": posts})
-            service = statistics.median(float(p["ms_per_step"]) for p in posts)
+            posts = post_round(stack, scenarios, f"t{threads}-r{k}-", library_repeats)
+            rounds_run.append(posts)
             print(
-                f"  adapt threads {threads}, round {k + 1}/{rounds}: service {service:.2f}, "
-                f"library {library.ms_per_step:.2f} ms per step",
+                f"  adapt threads {threads}, round {k + 1}/{rounds}: service "
+                f"{statistics.median(float(p['ms_per_step']) for p in posts):.2f}, library "
+                f"{statistics.median(float(p['library_ms_per_step']) for p in posts):.2f} ms "
+                f"per step, ratio {statistics.median(float(p['ratio']) for p in posts):.2f}",
                 flush=True,
             )
     finally:
         stack.stop_api()
-    posts = [post for run in rounds_run for post in run["posts"]]
+    posts = [post for run in rounds_run for post in run]
     service = summarise(posts)
-    round_ratios = [
-        statistics.median(float(p["ms_per_step"]) for p in run["posts"])
-        / float(run["library_ms_per_step"])
-        for run in rounds_run
-    ]
-    ratio = statistics.median(round_ratios)
+    round_ratios = [statistics.median(float(p["ratio"]) for p in run) for run in rounds_run]
+    ratio = statistics.median(float(p["ratio"]) for p in posts)
     return {
         "adapt_threads": threads,
         "compiled_after_s": waited,
         "service": service,
         "library_ms_per_step_median": statistics.median(
-            float(run["library_ms_per_step"]) for run in rounds_run
+            float(p["library_ms_per_step"]) for p in posts
         ),
         "round_ratios": round_ratios,
         "ratio": ratio,
@@ -178,7 +181,9 @@ def main() -> int:
         action="store_false",
         help="the service adapts eagerly (S2META_ADAPT_COMPILE=false)",
     )
-    parser.add_argument("--library-repeats", type=int, default=10)
+    parser.add_argument(
+        "--library-repeats", type=int, default=3, help="timed library calls before each post"
+    )
     parser.add_argument("--name", default="service_adapt", help="results file name")
     args = parser.parse_args()
     runs = []

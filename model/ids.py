@@ -161,19 +161,7 @@ class IdTable(Sequence[str]):
         """[len(keys)] int64: each key's row as `row` gives it, -1 where it has none; one
         search for all of them (a pool of thousands of candidates at once)."""
         found = np.full(len(keys), -1, dtype=np.int64)
-        width = self.ids.dtype.itemsize
-        positions, values = [], []
-        for position, key in enumerate(keys):
-            if not isinstance(key, str):
-                continue
-            try:
-                value = key.encode(ENCODING, ERRORS)
-            except UnicodeEncodeError:
-                continue
-            # No id ends in NUL, which the fixed-width comparison below would not see.
-            if len(value) <= width and not value.endswith(b"\0"):
-                positions.append(position)
-                values.append(value)
+        positions, values = self._searchable(keys)
         if not values or not len(self):
             return found
         wanted = np.array(values, dtype=self.ids.dtype)
@@ -182,6 +170,24 @@ class IdTable(Sequence[str]):
         hit = self.ids[rows] == wanted
         found[np.asarray(positions)[hit]] = rows[hit]
         return found
+
+    def _searchable(self, keys: Sequence[object]) -> tuple[list[int], list[bytes]]:
+        """The keys that can be ids, encoded, and their positions: strings that encode, fit
+        the width and do not end in NUL (which the fixed-width comparison would not see)."""
+        width = self.ids.dtype.itemsize
+        try:  # the usual case, all strings that encode, in one pass
+            encoded = [key.encode(ENCODING, ERRORS) for key in keys]  # type: ignore[union-attr]
+        except (AttributeError, UnicodeEncodeError):
+            encoded = [
+                key.encode(ENCODING, ERRORS) if isinstance(key, str) and _encodes(key) else None
+                for key in keys
+            ]
+        positions = [
+            k
+            for k, value in enumerate(encoded)
+            if value is not None and len(value) <= width and not value.endswith(b"\0")
+        ]
+        return positions, [encoded[k] for k in positions]  # type: ignore[misc]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -252,3 +258,11 @@ def map_index(path: Path, kinds: Sequence[str]) -> list[IdTable]:
         ]
     except KeyError as error:
         raise ArtifactError(f"{path}: no {error} table") from error
+
+
+def _encodes(key: str) -> bool:
+    try:
+        key.encode(ENCODING, ERRORS)
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -48,8 +48,8 @@ class AdaptResult:
     stop_probability: Tensor  # [S, T']
     decision_log_prob: Tensor  # [S, T'] log-prob of the stop/continue decision, 0 if none
     decided: Tensor  # [S, T'] bool: a stop decision was drawn at this step
-    alpha_mean: Tensor  # [S, T', K] mean input gate per parameter tensor
-    beta_mean: Tensor  # [S, T', K] mean forget gate per parameter tensor
+    alpha_mean: Tensor  # [S, T', K] mean input gate per parameter tensor, NaN if no update
+    beta_mean: Tensor  # [S, T', K] mean forget gate per parameter tensor, NaN if no update
     test_loss: Tensor | None = None  # [S, T' + 1] at theta_0..theta_T' (detached), if asked
 
 
@@ -141,6 +141,19 @@ def adapt(
                 uniforms[:, t],
                 t >= config.min_steps,
             )
+            # Where every scenario stops at this step there is no update to make, so its gates
+            # are never computed (a scenario's last step would otherwise cost a whole step).
+            # The check synchronises; none stops before min_steps, so it waits till then.
+            if t >= config.min_steps and not bool((active & ~stop_now).any()):
+                nowhere = torch.full((num_scenarios, len(sizes)), torch.nan, device=theta.device)
+                records.append(
+                    _step_record(
+                        active, decided, stop_now, loss, p_stop, log_prob, nowhere, nowhere
+                    )
+                )
+                if thetas is not None:
+                    thetas.append(theta.detach().clone())
+                break
         else:
             p_stop, log_prob = torch.zeros_like(loss), torch.zeros_like(loss)
             new_stop_hidden, new_stop_cell, decided, stop_now = stop_hidden, stop_cell, never, never
@@ -173,9 +186,6 @@ def adapt(
         active = keep
         if thetas is not None:
             thetas.append(theta.detach().clone())
-        # (No scenario stops before min_steps: the check, a synchronisation, waits till then.)
-        if t >= config.min_steps and not bool(active.any()):
-            break
     if test is not None:
         with torch.no_grad():
             test_losses.append(batched_loss(theta.detach(), test, tables.user, tables.item))
@@ -232,16 +242,32 @@ def _apply_update(
     it, which scenarios kept learning, and the step's records."""
     keep = active & ~stop_now
     theta = torch.where(keep[:, None], beta * theta - alpha * grad, theta)
-    record = {
+    alpha_mean = torch.where(keep[:, None], _segment_means(alpha, sizes), torch.nan)
+    beta_mean = torch.where(keep[:, None], _segment_means(beta, sizes), torch.nan)
+    record = _step_record(active, decided, stop_now, loss, p_stop, log_prob, alpha_mean, beta_mean)
+    return theta, keep, record
+
+
+def _step_record(
+    active: Tensor,
+    decided: Tensor,
+    stop_now: Tensor,
+    loss: Tensor,
+    p_stop: Tensor,
+    log_prob: Tensor,
+    alpha_mean: Tensor,
+    beta_mean: Tensor,
+) -> dict[str, Tensor]:
+    """A step's records [S] (the gates' means [S, K]: NaN where no update was made)."""
+    return {
         "train_loss": torch.where(active, loss, torch.nan),
         "stop_probability": torch.where(active, p_stop, torch.nan),
         "decision_log_prob": torch.where(decided, log_prob, 0.0),
         "decided": decided,
         "stopped": stop_now,
-        "alpha_mean": _segment_means(alpha, sizes),
-        "beta_mean": _segment_means(beta, sizes),
+        "alpha_mean": alpha_mean,
+        "beta_mean": beta_mean,
     }
-    return theta, keep, record
 
 
 @functools.cache

@@ -18,7 +18,7 @@ from model.learner import AdaptResult
 from model.scenario import ScenarioInput, adapt_scenarios
 from service.compilation import StepCompiler
 from service.errors import AdaptationInputError
-from service.folding import Folded, fold_registration
+from service.folding import Folded, embedded_user_rows, fold_registration
 from service.learners import LoadedVersion
 from service.store import ScenarioState
 
@@ -88,20 +88,17 @@ def resolve(
     candidates = registration.candidates
     # One search over the tables for all candidates and users (pools run to thousands).
     candidate_rows = loaded.embedded_item_rows(candidates)
-    folded = fold_registration(loaded, registration.interactions, candidates, candidate_rows)
-    num_users, num_items = len(loaded.artifact.user_ids), len(loaded.artifact.item_ids)
-    users = list(dict.fromkeys(user for user, _ in registration.interactions))
-    rows = loaded.user_rows.table.rows_of(users)
-    user_rows = {
-        user: int(row)
-        for user, row in zip(users, rows, strict=True)
-        if row >= 0 and loaded.user_has_embedding[row]
-    }
-    user_rows |= {user: num_users + k for k, user in enumerate(folded.users)}
     known = np.flatnonzero(candidate_rows >= 0)
     known = known[np.argsort(candidate_rows[known], kind="stable")]  # the known pool by row
-    item_rows = {candidates[k]: int(candidate_rows[k]) for k in known}
-    item_rows |= {item: num_items + k for k, item in enumerate(folded.items)}
+    known_rows = {candidates[k]: int(candidate_rows[k]) for k in known}
+    users = list(dict.fromkeys(user for user, _ in registration.interactions))
+    embedded = embedded_user_rows(loaded, users)
+    folded = fold_registration(
+        loaded, registration.interactions, candidates, candidate_rows, embedded, known_rows
+    )
+    num_users, num_items = len(loaded.artifact.user_ids), len(loaded.artifact.item_ids)
+    user_rows = embedded | {user: num_users + k for k, user in enumerate(folded.users)}
+    item_rows = known_rows | {item: num_items + k for k, item in enumerate(folded.items)}
     used = [(user, item) for user, item in registration.interactions if user in user_rows]
     if len(used) < min_interactions:
         raise AdaptationInputError(
@@ -113,7 +110,9 @@ def resolve(
         scenario_id=scenario_id,
         users=np.array([user_rows[user] for user, _ in used], dtype=np.int64),
         items=np.array([item_rows[item] for _, item in used], dtype=np.int64),
-        pool=np.array([item_rows[item] for item in pool_ids], dtype=np.int64),
+        pool=np.concatenate(
+            [candidate_rows[known], num_items + np.arange(len(folded.items), dtype=np.int64)]
+        ),
     )
     return ResolvedScenario(scenario, pool_ids, folded, folded.unfoldable_users, used)
 

@@ -9,6 +9,7 @@ Then users, from the vectors of their items (folded ones included). A user none 
 items has a nonzero vector cannot be folded and is ignored.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,23 +56,33 @@ def stored_item_vectors(tensors: dict[str, Tensor], count: int, dim: int) -> Ten
     return vectors
 
 
+def embedded_user_rows(loaded: LoadedVersion, users: Sequence[str]) -> dict[str, int]:
+    """The rows of those of `users` with a nonzero vector in `loaded`'s table; one search for
+    all of them."""
+    rows = loaded.user_rows.table.rows_of(users)
+    embedded = loaded.user_has_embedding[np.maximum(rows, 0)] & (rows >= 0)
+    return {user: int(row) for user, row, ok in zip(users, rows, embedded, strict=True) if ok}
+
+
 def fold_registration(
     loaded: LoadedVersion,
     interactions: list[tuple[str, str]],
     candidates: list[str],
-    candidate_rows: np.ndarray | None = None,
+    candidate_rows: np.ndarray,
+    user_rows: dict[str, int],
+    item_rows: dict[str, int],
 ) -> Folded:
-    """candidate_rows: `loaded.embedded_item_rows(candidates)`, where the caller has it."""
+    """candidate_rows: `loaded.embedded_item_rows(candidates)`; user_rows:
+    `embedded_user_rows` of the interactions' users; item_rows: the candidates with a row,
+    by id (the caller has them all: one search over the tables for each side)."""
     settings = loaded.fold_settings
     tables = loaded.tables
     dim, device = tables.item.shape[1], tables.item.device
-    if candidate_rows is None:
-        candidate_rows = loaded.embedded_item_rows(candidates)
     new_items = [candidates[k] for k in np.flatnonzero(candidate_rows < 0)]
     known_users: dict[str, list[int]] = {item: [] for item in new_items}
     for user, item in interactions:
-        if item in known_users and loaded.has_embedding(user):
-            known_users[item].append(loaded.user_rows[user])
+        if item in known_users and user in user_rows:
+            known_users[item].append(user_rows[user])
     # The Gram matrices only when something is folded: at 10M users it takes seconds, once.
     item_vectors = torch.zeros(0, dim, device=device)
     if new_items:
@@ -88,14 +99,14 @@ def fold_registration(
 
     item_vectors_of: dict[str, list[Tensor]] = {}
     for user, item in interactions:
-        if loaded.has_embedding(user):
+        if user in user_rows:
             continue
         vectors = item_vectors_of.setdefault(user, [])
         if item in folded_item:
             if known_users[item]:  # a zero vector says nothing about the user
                 vectors.append(folded_item[item])
         else:  # a known item: interactions are checked to be among the candidates
-            vectors.append(tables.item[loaded.item_rows[item]])
+            vectors.append(tables.item[item_rows[item]])
     users = sorted(user for user, vectors in item_vectors_of.items() if vectors)
     user_vectors = torch.zeros(0, dim, device=device)
     if users:

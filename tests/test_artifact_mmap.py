@@ -62,6 +62,8 @@ def assert_same_lookups(rows, ids: list[str]) -> None:
     keys = [*ids, *UNKNOWN, None, 3, "a\0", ids[0] + "\0", ids[-1][:-1]]
     found = rows.table.rows_of(keys)
     assert found.tolist() == [expected.get(key, -1) for key in keys]
+    strings = [key for key in keys if isinstance(key, str)]  # the path for strings alone
+    assert rows.table.rows_of(strings).tolist() == [expected.get(key, -1) for key in strings]
     assert rows.table.rows_of([]).tolist() == []
 
 

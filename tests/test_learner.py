@@ -100,6 +100,36 @@ def test_stop_rules(tables):
     assert fixed.steps.tolist() == [config.max_steps] * 2 and not fixed.decided.any()
 
 
+def test_gates_are_computed_only_for_the_updates_made(tables, monkeypatch):
+    config = make_config()
+    meta = init_meta_params(config, torch.Generator().manual_seed(0))
+    train, _ = scenario_batches(config, 2)
+    calls = []
+
+    def counted_gates(*args):
+        calls.append(args[2].shape[0])  # the scenarios in the call
+        return update_gates(*args)
+
+    monkeypatch.setattr("model.learner.update_gates", counted_gates)
+    # The first scenario stops at its first chance; the second never does.
+    uniforms = torch.stack([torch.zeros(config.max_steps), torch.ones(config.max_steps)])
+    with torch.no_grad():
+        both = adapt(meta, config, tables, train, uniforms, fused=False)
+        calls_both = len(calls)
+        first = {k: v[:1] for k, v in train.items()}
+        alone = adapt(meta, config, tables, first, uniforms[:1], fused=False)
+    assert both.steps.tolist() == [config.min_steps, config.max_steps]
+    assert calls_both == config.max_steps
+    # Alone, the step at which it stops (its loss recorded, its stop drawn) has no gates.
+    assert len(calls) - calls_both == config.min_steps
+    assert alone.train_loss.shape[1] == config.min_steps + 1 and alone.stopped_by_controller[0]
+    torch.testing.assert_close(alone.theta[0], both.theta[0], rtol=1e-5, atol=1e-6)
+    for result in (both, alone):
+        made = torch.arange(result.alpha_mean.shape[1])[None, :] < result.steps[:, None]
+        assert torch.equal(result.alpha_mean.isfinite().all(dim=2), made)
+        assert torch.equal(result.beta_mean.isfinite().all(dim=2), made)
+
+
 def test_fixed_learning_rate_is_plain_sgd(tables):
     config = make_config(update_rule="sgd", stop_rule="max_steps", max_steps=5)
     meta = init_meta_params(config, torch.Generator().manual_seed(0))
