@@ -145,7 +145,7 @@ def adapt(
             # are never computed (a scenario's last step would otherwise cost a whole step).
             # The check synchronises; none stops before min_steps, so it waits till then.
             if t >= config.min_steps and not bool((active & ~stop_now).any()):
-                nowhere = torch.full((num_scenarios, len(sizes)), torch.nan, device=theta.device)
+                nowhere = theta.new_full((num_scenarios, len(sizes)), torch.nan)
                 records.append(
                     _step_record(
                         active, decided, stop_now, loss, p_stop, log_prob, nowhere, nowhere

@@ -140,23 +140,15 @@ def adapt_registrations(
     min_interactions: int,
     compiler: StepCompiler | None = None,
 ) -> list[ScenarioState | AdaptationInputError]:
-    """Adapt many scenarios at once (after a hot reload, say): `resolve_registrations`, then
-    `adapt_resolved`. Outcomes in order: the record to store, or why the scenario cannot be
-    adapted."""
-    resolved = resolve_registrations(loaded, registrations, min_interactions)
-    return adapt_resolved(loaded, registrations, resolved, compiler)
-
-
-def resolve_registrations(
-    loaded: LoadedVersion,
-    registrations: Sequence[tuple[str, Registration]],
-    min_interactions: int,
-) -> list[ResolvedScenario | AdaptationInputError]:
-    """Each registration in `loaded`'s table rows (`resolve`, its variant checked), or why it
-    cannot be adapted; in order. No adaptation: re-adaptation runs it for one batch while the
-    one before adapts."""
-    outcomes: list[ResolvedScenario | AdaptationInputError] = []
-    for scenario_id, registration in registrations:
+    """Adapt many scenarios at once (after a hot reload, say): those with the same variant and
+    seed in vmapped batches on the device, the compiled step's batches where `compiler` has
+    it warm, else one eager batch. Each scenario's draws are seeded by its seed and id alone,
+    so it gets the adaptation it would get alone (to float rounding). Outcomes in order: the
+    record to store, or why the scenario cannot be adapted. A record's duration_ms is its
+    batch's."""
+    outcomes: dict[int, ScenarioState | AdaptationInputError] = {}
+    batches: dict[tuple[str, int], list[tuple[int, ResolvedScenario]]] = {}
+    for position, (scenario_id, registration) in enumerate(registrations):
         variant = registration.variant or loaded.artifact.default_variant
         try:
             if variant not in loaded.artifact.learners:
@@ -164,47 +156,24 @@ def resolve_registrations(
                     f"variant {variant!r} is not in meta learner {loaded.version} "
                     f"(it has {sorted(loaded.artifact.learners)})"
                 )
-            outcomes.append(resolve(loaded, scenario_id, registration, min_interactions))
+            resolved = resolve(loaded, scenario_id, registration, min_interactions)
         except AdaptationInputError as error:
-            outcomes.append(error)
-    return outcomes
-
-
-def adapt_resolved(
-    loaded: LoadedVersion,
-    registrations: Sequence[tuple[str, Registration]],
-    resolved: Sequence[ResolvedScenario | AdaptationInputError],
-    compiler: StepCompiler | None = None,
-) -> list[ScenarioState | AdaptationInputError]:
-    """Adapt the resolved registrations (`resolve_registrations`' answers, in order): those
-    with the same variant and seed in vmapped batches on the device, the compiled step's
-    batches where `compiler` has it warm, else one eager batch. Each scenario's draws are
-    seeded by its seed and id alone, so it gets the adaptation it would get alone (to float
-    rounding). Outcomes in order: the record to store, or the resolution's error. A record's
-    duration_ms is its batch's."""
-    outcomes: dict[int, ScenarioState | AdaptationInputError] = {}
-    batches: dict[tuple[str, int], list[tuple[int, ResolvedScenario]]] = {}
-    for position, ((_, registration), outcome) in enumerate(
-        zip(registrations, resolved, strict=True)
-    ):
-        if isinstance(outcome, AdaptationInputError):
-            outcomes[position] = outcome
+            outcomes[position] = error
             continue
-        variant = registration.variant or loaded.artifact.default_variant
-        batches.setdefault((variant, registration.seed), []).append((position, outcome))
+        batches.setdefault((variant, registration.seed), []).append((position, resolved))
     for (variant, seed), group in batches.items():
         learner = loaded.learner(variant)
         chunks = compiler.chunks(learner.config, group) if compiler else [(False, group)]
         for compiled, batch in chunks:
             start = time.perf_counter()
-            resolved_batch = [scenario for _, scenario in batch]
+            resolved_batch = [resolved for _, resolved in batch]
             result = _adapt_batch(loaded, learner, resolved_batch, seed, compiled)
             duration_ms = (time.perf_counter() - start) * 1000.0
-            for k, (position, scenario) in enumerate(batch):
+            for k, (position, resolved) in enumerate(batch):
                 if position not in outcomes:  # a padded batch repeats its last scenario
                     registration = registrations[position][1]
                     outcomes[position] = _record(
-                        loaded, variant, registration, scenario, result, k, duration_ms
+                        loaded, variant, registration, resolved, result, k, duration_ms
                     )
     return [outcomes[position] for position in range(len(registrations))]
 

@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from model.artifact import PUBLISHED_EVENT
-from service.adaptation import Registration, adapt_resolved, resolve_registrations
+from service.adaptation import Registration, adapt_registrations
 from service.errors import AdaptationInputError, StoreError
 from service.learners import LoadedVersion
 from service.scenarios import ScenarioService
@@ -157,8 +157,7 @@ class MetaLearnerLifecycle:
 
     async def _readapt_in_turn(self, batches: list[list[str]], current: LoadedVersion) -> None:
         """Re-adapt the batches one after another on the adaptation pool, each batch's locks,
-        reads, id resolution and writes beside its neighbours' adaptation: two batches in
-        flight at most."""
+        reads and writes beside its neighbours' adaptation: two batches in flight at most."""
         in_flight: list[asyncio.Task[None]] = []
         try:
             for batch in batches:
@@ -237,18 +236,13 @@ class MetaLearnerLifecycle:
                 registrations.append((scenario_id, registered))
 
         writes = self.service.writes
-        ran: list[Adapted] = []
-        if registrations:
-            # Off the adaptation worker: this batch's ids resolve while the batch before it
-            # adapts (`_readapt_in_turn` keeps two in flight).
-            resolved = await asyncio.to_thread(
-                resolve_registrations, current, registrations, self.settings.min_interactions
+
+        def run() -> list[Adapted]:
+            return adapt_registrations(
+                current, registrations, self.settings.min_interactions, writes.compiler
             )
 
-            def run() -> list[Adapted]:
-                return adapt_resolved(current, registrations, resolved, writes.compiler)
-
-            ran = await writes.run_adaptations(run, "reload", current.version)
+        ran = await writes.run_adaptations(run, "reload", current.version) if registrations else []
         adapted = iter(ran)
         outcomes = [reused.get(scenario_id) or next(adapted) for scenario_id, _ in work]
         for (scenario_id, stored), outcome in zip(work, outcomes, strict=True):

@@ -31,7 +31,7 @@ def held_first_call(monkeypatch) -> threading.Event:
     """Hold the first batch of re-adaptations until the returned event is set; later ones
     (and adaptations a client asks for) run freely."""
     release = threading.Event()
-    real = lifecycle_module.adapt_resolved
+    real = lifecycle_module.adapt_registrations
     calls = []
 
     def adaptation(*args, **kwargs):
@@ -40,7 +40,7 @@ def held_first_call(monkeypatch) -> threading.Event:
             release.wait(timeout=60)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lifecycle_module, "adapt_resolved", adaptation)
+    monkeypatch.setattr(lifecycle_module, "adapt_registrations", adaptation)
     return release
 
 
@@ -108,44 +108,6 @@ async def test_stale_scenarios_are_readapted_in_batches(artifact, registry, scen
         reload = {"trigger": "reload", "meta_learner": "v0002"}
         assert sample("s2meta_adaptation_seconds_count", reload) == 2  # 2 + 1
         assert sample("s2meta_readaptations_total", {"how": "adapted"}) == 3
-
-
-async def test_the_next_batch_resolves_while_one_adapts(artifact, registry, scenario, monkeypatch):
-    settings = Settings(registry=registry, reload_poll_s=0.1, readapt_batch=2)
-    resolved = []
-    real_resolve = lifecycle_module.resolve_registrations
-
-    def resolve(loaded, registrations, min_interactions):
-        resolved.append(sorted(scenario_id for scenario_id, _ in registrations))
-        return real_resolve(loaded, registrations, min_interactions)
-
-    monkeypatch.setattr(lifecycle_module, "resolve_registrations", resolve)
-    async with running(settings) as (_, client):
-        for name in ("a", "b", "c"):
-            await client.post(f"/scenarios/{name}/adapt", json=scenario.body())
-        release = held_first_call(monkeypatch)
-        try:
-            publish(artifact, registry)
-            # The first batch held in its adaptation, the second is resolved meanwhile.
-            await wait_for(as_async(lambda: len(resolved) == 2), what="both batches resolved")
-            assert resolved == [["a", "b"], ["c"]]
-        finally:
-            release.set()
-
-        async def all_readapted() -> bool:
-            page = (await client.get("/scenarios")).json()["scenarios"]
-            return all(s["meta_learner"] == "v0002" for s in page)
-
-        await wait_for(all_readapted, what="every scenario re-adapted")
-
-
-def as_async(condition):
-    """A plain condition as the coroutine `wait_for` polls."""
-
-    async def check() -> bool:
-        return condition()
-
-    return check
 
 
 async def test_a_newer_client_revision_wins_over_a_late_readaptation(
