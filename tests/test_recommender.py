@@ -81,6 +81,52 @@ def test_triples_negatives_come_from_the_pool_and_are_not_positives():
         assert neg in set(pool.tolist()) and (u, neg) not in positives
 
 
+def reference_triples(users, items, pool, shape, rng, popularity_items=None):
+    """sample_triples as defined, plainly: the draws (and so every published result) must
+    not change with its implementation."""
+    picks = rng.integers(0, len(users), size=shape)
+    triple_users, positives = users[picks], items[picks]
+    negatives = pool[rng.integers(0, len(pool), size=shape)]
+    known = {(int(u), int(i)) for u, i in zip(users, items, strict=True)}
+    for _ in range(20):
+        clash = np.array(
+            [
+                (int(u), int(n)) in known
+                for u, n in zip(triple_users.flat, negatives.flat, strict=True)
+            ]
+        ).reshape(shape)
+        if not clash.any():
+            break
+        negatives[clash] = pool[rng.integers(0, len(pool), size=int(clash.sum()))]
+    counted = items if popularity_items is None else popularity_items
+    counts = {int(i): float((counted == i).sum()) for i in pool}
+    own = 1.0 if popularity_items is None else 0.0
+    positive_pop = np.log1p([counts[int(i)] - own for i in positives.flat]).reshape(shape)
+    negative_pop = np.log1p([counts[int(i)] for i in negatives.flat]).reshape(shape)
+    return triple_users, positives, negatives, positive_pop, negative_pop
+
+
+NAMES = ("users", "positives", "negatives", "positive_pop", "negative_pop")
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_triples_are_drawn_as_defined(case):
+    setup = np.random.default_rng(case)
+    pool = np.sort(setup.choice(200, size=int(setup.integers(2, 40)), replace=False))
+    users = setup.integers(0, 6, size=int(setup.integers(1, 30)))  # few users: many clashes
+    items = pool[setup.integers(0, len(pool), size=len(users))]
+    popularity_items = items[: max(1, len(items) // 2)] if case % 3 == 0 else None
+    drawn = sample_triples(
+        users, items, pool, (5, 17), np.random.default_rng(case), popularity_items
+    )
+    expected = reference_triples(
+        users, items, pool, (5, 17), np.random.default_rng(case), popularity_items
+    )
+    got = (drawn.users, drawn.positives, drawn.negatives, drawn.positive_pop, drawn.negative_pop)
+    for name, value, want in zip(NAMES, got, expected, strict=True):
+        np.testing.assert_allclose(value.numpy(), want, rtol=1e-6, err_msg=name)
+
+
 def test_popularity_leaves_the_positive_itself_out():
     rng = np.random.default_rng(0)
     pool = np.arange(5)
