@@ -128,8 +128,8 @@ def measure_service(
     library_repeats: int,
 ) -> dict[str, object]:
     """The API (re)started with S2META_ADAPT_THREADS=threads, its compile over (or off);
-    then rounds of the library's figure (this process, the API idle) and every scenario
-    posted once, so that both see the machine at the same speed."""
+    then `rounds` rounds of every scenario posted once, each post paired with the library's
+    figure taken right before it (`post_round`)."""
     compile_setting = {} if compile_step else {"S2META_ADAPT_COMPILE": "false"}
     stack.start_api({"S2META_ADAPT_THREADS": str(threads), **compile_setting})
     waited = stack.compiled_after_s

@@ -143,13 +143,8 @@ class IdTable(Sequence[str]):
 
     def row(self, key: object) -> int | None:
         """The row of an id; None for an id not in the table (or not a string)."""
-        if not isinstance(key, str):
-            return None
-        try:
-            value = key.encode(ENCODING, ERRORS)
-        except UnicodeEncodeError:
-            return None
-        if len(value) > self.ids.dtype.itemsize or not len(self):
+        value = _encoded(key)
+        if value is None or len(value) > self.ids.dtype.itemsize or not len(self):
             return None
         k = int(np.searchsorted(self.ids, value, sorter=self.order))
         # bytes equality: b"a" is not b"a\0", which the fixed-width search treats as equal.
@@ -178,10 +173,7 @@ class IdTable(Sequence[str]):
         try:  # the usual case, all strings that encode, in one pass
             encoded = [key.encode(ENCODING, ERRORS) for key in keys]  # type: ignore[union-attr]
         except (AttributeError, UnicodeEncodeError):
-            encoded = [
-                key.encode(ENCODING, ERRORS) if isinstance(key, str) and _encodes(key) else None
-                for key in keys
-            ]
+            encoded = [_encoded(key) for key in keys]
         positions = [
             k
             for k, value in enumerate(encoded)
@@ -260,9 +252,11 @@ def map_index(path: Path, kinds: Sequence[str]) -> list[IdTable]:
         raise ArtifactError(f"{path}: no {error} table") from error
 
 
-def _encodes(key: str) -> bool:
+def _encoded(key: object) -> bytes | None:
+    """A key as the table stores ids; None for one that is not a string or does not encode."""
+    if not isinstance(key, str):
+        return None
     try:
-        key.encode(ENCODING, ERRORS)
+        return key.encode(ENCODING, ERRORS)
     except UnicodeEncodeError:
-        return False
-    return True
+        return None

@@ -144,20 +144,15 @@ def adapt(
             # Where every scenario stops at this step there is no update to make, so its gates
             # are never computed (a scenario's last step would otherwise cost a whole step).
             # The check synchronises; none stops before min_steps, so it waits till then.
-            if t >= config.min_steps and not bool((active & ~stop_now).any()):
-                nowhere = theta.new_full((num_scenarios, len(sizes)), torch.nan)
-                records.append(
-                    _step_record(
-                        active, decided, stop_now, loss, p_stop, log_prob, nowhere, nowhere
-                    )
-                )
-                if thetas is not None:
-                    thetas.append(theta.detach().clone())
-                break
+            all_stop = t >= config.min_steps and not bool((active & ~stop_now).any())
         else:
             p_stop, log_prob = torch.zeros_like(loss), torch.zeros_like(loss)
             new_stop_hidden, new_stop_cell, decided, stop_now = stop_hidden, stop_cell, never, never
-        if config.update_rule == "learned":
+            all_stop = False
+        if all_stop:  # the update masks every scenario out: zero gates stand in
+            alpha = beta = torch.zeros_like(grad)
+            new_hidden, new_cell = hidden, cell
+        elif config.update_rule == "learned":
             alpha, beta, new_hidden, new_cell = gates_fn(
                 meta, sizes, grad, theta.detach(), loss, hidden, cell
             )
@@ -186,6 +181,8 @@ def adapt(
         active = keep
         if thetas is not None:
             thetas.append(theta.detach().clone())
+        if all_stop:
+            break
     if test is not None:
         with torch.no_grad():
             test_losses.append(batched_loss(theta.detach(), test, tables.user, tables.item))
@@ -242,32 +239,20 @@ def _apply_update(
     it, which scenarios kept learning, and the step's records."""
     keep = active & ~stop_now
     theta = torch.where(keep[:, None], beta * theta - alpha * grad, theta)
-    alpha_mean = torch.where(keep[:, None], _segment_means(alpha, sizes), torch.nan)
-    beta_mean = torch.where(keep[:, None], _segment_means(beta, sizes), torch.nan)
-    record = _step_record(active, decided, stop_now, loss, p_stop, log_prob, alpha_mean, beta_mean)
-    return theta, keep, record
-
-
-def _step_record(
-    active: Tensor,
-    decided: Tensor,
-    stop_now: Tensor,
-    loss: Tensor,
-    p_stop: Tensor,
-    log_prob: Tensor,
-    alpha_mean: Tensor,
-    beta_mean: Tensor,
-) -> dict[str, Tensor]:
-    """A step's records [S] (the gates' means [S, K]: NaN where no update was made)."""
-    return {
-        "train_loss": torch.where(active, loss, torch.nan),
-        "stop_probability": torch.where(active, p_stop, torch.nan),
-        "decision_log_prob": torch.where(decided, log_prob, 0.0),
-        "decided": decided,
-        "stopped": stop_now,
-        "alpha_mean": alpha_mean,
-        "beta_mean": beta_mean,
-    }
+    return (
+        theta,
+        keep,
+        {
+            "train_loss": torch.where(active, loss, torch.nan),
+            "stop_probability": torch.where(active, p_stop, torch.nan),
+            "decision_log_prob": torch.where(decided, log_prob, 0.0),
+            "decided": decided,
+            "stopped": stop_now,
+            # The gates' means where an update was made, NaN elsewhere.
+            "alpha_mean": torch.where(keep[:, None], _segment_means(alpha, sizes), torch.nan),
+            "beta_mean": torch.where(keep[:, None], _segment_means(beta, sizes), torch.nan),
+        },
+    )
 
 
 @functools.cache

@@ -59,9 +59,8 @@ def stored_item_vectors(tensors: dict[str, Tensor], count: int, dim: int) -> Ten
 def embedded_user_rows(loaded: LoadedVersion, users: Sequence[str]) -> dict[str, int]:
     """The rows of those of `users` with a nonzero vector in `loaded`'s table; one search for
     all of them."""
-    rows = loaded.user_rows.table.rows_of(users)
-    embedded = loaded.user_has_embedding[np.maximum(rows, 0)] & (rows >= 0)
-    return {user: int(row) for user, row, ok in zip(users, rows, embedded, strict=True) if ok}
+    rows = loaded.embedded_user_rows(users)
+    return {user: int(row) for user, row in zip(users, rows, strict=True) if row >= 0}
 
 
 def fold_registration(

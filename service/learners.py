@@ -56,9 +56,11 @@ class LoadedVersion:
     def embedded_item_rows(self, items: Sequence[str]) -> np.ndarray:
         """[len(items)] int64: each item's row where it has a nonzero vector, else -1 (not
         in the table, or a zero row: both are folded in); one search for all."""
-        rows = self.item_rows.table.rows_of(items)
-        embedded = self.item_has_embedding[np.maximum(rows, 0)] & (rows >= 0)
-        return np.where(embedded, rows, -1)
+        return _embedded_rows(self.item_rows.table, self.item_has_embedding, items)
+
+    def embedded_user_rows(self, users: Sequence[str]) -> np.ndarray:
+        """As `embedded_item_rows`, for users."""
+        return _embedded_rows(self.user_rows.table, self.user_has_embedding, users)
 
     # Fold-in's inputs, computed once per loaded version on first use (model/fold_in.py).
     @functools.cached_property
@@ -81,6 +83,11 @@ class LoadedVersion:
     @functools.cached_property
     def item_gram(self) -> Tensor:
         return gram(self.tables.item)  # to fold in users
+
+
+def _embedded_rows(table: IdTable, has_embedding: np.ndarray, ids: Sequence[str]) -> np.ndarray:
+    rows = table.rows_of(ids)
+    return np.where(has_embedding[np.maximum(rows, 0)] & (rows >= 0), rows, -1)
 
 
 def resolve_device(name: str) -> torch.device:
