@@ -150,7 +150,8 @@ def adapt(
             new_stop_hidden, new_stop_cell, decided, stop_now = stop_hidden, stop_cell, never, never
             all_stop = False
         if all_stop:  # the update masks every scenario out: zero gates stand in
-            alpha = beta = torch.zeros_like(grad)
+            # Two tensors, as the gates are: an alias would be a new graph to compile.
+            alpha, beta = torch.zeros_like(grad), torch.zeros_like(grad)
             new_hidden, new_cell = hidden, cell
         elif config.update_rule == "learned":
             alpha, beta, new_hidden, new_cell = gates_fn(
