@@ -30,11 +30,14 @@ class _FusedStep(torch.autograd.Function):
         offsets: list[int],
         inputs: tuple[Tensor, ...],
         states_out: tuple[Tensor, Tensor],
+        updating: Tensor,
         *weights: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        alpha, beta = extension.update_gates(*inputs, *weights, offsets, PREPROCESS_P, *states_out)
+        alpha, beta = extension.update_gates(
+            *inputs, *weights, offsets, PREPROCESS_P, *states_out, updating
+        )
         ctx.save_for_backward(*inputs, *weights)
-        ctx.extension, ctx.offsets = extension, offsets
+        ctx.extension, ctx.offsets, ctx.updating = extension, offsets, updating
         return alpha, beta
 
     @staticmethod
@@ -42,10 +45,13 @@ class _FusedStep(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, d_alpha: Tensor, d_beta: Tensor
     ) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
+        # A scenario that was not updating had constant (zero) gates: no gradient through it.
+        updating = ctx.updating[:, None]
+        d_alpha, d_beta = (torch.where(updating, d, 0.0).contiguous() for d in (d_alpha, d_beta))
         d_weights = ctx.extension.update_gates_backward(
-            *saved, ctx.offsets, PREPROCESS_P, d_alpha.contiguous(), d_beta.contiguous()
+            *saved, ctx.offsets, PREPROCESS_P, d_alpha, d_beta
         )
-        return (None, None, None, None, *d_weights)
+        return (None, None, None, None, None, *d_weights)
 
 
 class FusedGates:
@@ -76,23 +82,28 @@ class FusedGates:
         loss: Tensor,
         hidden: Tensor,
         cell: Tensor,
+        updating: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """alpha, beta [S, n] and the new states; without a backward pass to keep them for,
-        the new states are `hidden` and `cell` themselves, updated in place."""
+        the new states are `hidden` and `cell` themselves, updated in place. updating [S] bool
+        (default: all): a scenario not updating gets zero gates and keeps its states, at no
+        cost (a batch's stopped scenarios)."""
         # The controller's inputs are constants (first-order), whatever their graph.
         inputs = tuple(x.detach().contiguous() for x in (grad, theta, loss, hidden, cell))
+        if updating is None:
+            updating = torch.ones(grad.shape[0], dtype=torch.bool)
         if torch.is_grad_enabled() and any(w.requires_grad for w in self.packed):
             # The backward pass reads this step's states: keep them.
             states_out = (torch.empty_like(inputs[3]), torch.empty_like(inputs[4]))
             alpha, beta = _FusedStep.apply(
-                self.extension, self.offsets, inputs, states_out, *self.packed
+                self.extension, self.offsets, inputs, states_out, updating, *self.packed
             )
         else:
             # In place and called directly: fresh buffers and autograd's bookkeeping are a
             # measurable share of a step (docs/performance.md).
             states_out = (inputs[3], inputs[4])
             alpha, beta = self.extension.update_gates(
-                *inputs, *self.packed, self.offsets, PREPROCESS_P, *states_out
+                *inputs, *self.packed, self.offsets, PREPROCESS_P, *states_out, updating
             )
         return alpha, beta, *states_out
 

@@ -141,21 +141,24 @@ def adapt(
                 uniforms[:, t],
                 t >= config.min_steps,
             )
-            # Where every scenario stops at this step there is no update to make, so its gates
-            # are never computed (a scenario's last step would otherwise cost a whole step).
-            # The check synchronises; none stops before min_steps, so it waits till then.
-            all_stop = t >= config.min_steps and not bool((active & ~stop_now).any())
         else:
             p_stop, log_prob = torch.zeros_like(loss), torch.zeros_like(loss)
             new_stop_hidden, new_stop_cell, decided, stop_now = stop_hidden, stop_cell, never, never
-            all_stop = False
+        updating = active & ~stop_now
+        # Where every scenario stops at this step there is no update to make, so its gates are
+        # never computed (a scenario's last step would otherwise cost a whole step). The check
+        # synchronises; none stops before min_steps, so it waits till then.
+        all_stop = t >= config.min_steps and not bool(updating.any())
         if all_stop:  # the update masks every scenario out: zero gates stand in
             # Two tensors, as the gates are: an alias would be a new graph to compile.
             alpha, beta = torch.zeros_like(grad), torch.zeros_like(grad)
             new_hidden, new_cell = hidden, cell
         elif config.update_rule == "learned":
+            # The fused cell computes only the updating scenarios' gates (a batch's stopped
+            # ones cost nothing); the reference computes all, and the update masks the rest.
+            only = (updating,) if fused_gates is not None else ()
             alpha, beta, new_hidden, new_cell = gates_fn(
-                meta, sizes, grad, theta.detach(), loss, hidden, cell
+                meta, sizes, grad, theta.detach(), loss, hidden, cell, *only
             )
         else:
             alpha = torch.full_like(grad, config.sgd_lr)

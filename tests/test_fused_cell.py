@@ -94,6 +94,41 @@ def test_fused_gates_equal_the_reference(extension, hidden_size, scenarios):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6, msg=name)
 
 
+@pytest.mark.parametrize("grad_mode", [False, True])
+def test_scenarios_not_updating_get_zero_gates_and_keep_their_states(extension, grad_mode):
+    sizes, hidden_size = [37, 8, 1, 20], 16
+    meta, grad, theta, loss, hidden, cell = controller_inputs(sizes, 4, hidden_size, seed=3)
+    updating = torch.tensor([True, False, True, False])
+    lanes = extension.lanes
+    trainable = {name: value.clone().requires_grad_(grad_mode) for name, value in meta.items()}
+    gates = fused_cell.FusedGates(extension, trainable, sizes, hidden_size)
+
+    def run(mask):
+        states = (lane_major(hidden, sizes, lanes), lane_major(cell, sizes, lanes))
+        with torch.set_grad_enabled(grad_mode):
+            return gates(trainable, sizes, grad, theta, loss, *states, mask), states
+
+    (alpha, beta, new_hidden, new_cell), before = run(updating)
+    (all_alpha, all_beta, all_hidden, all_cell), _ = run(None)
+    for got, want in ((alpha, all_alpha), (beta, all_beta)):
+        torch.testing.assert_close(got[updating], want[updating])
+        assert torch.equal(got[~updating], torch.zeros_like(got[~updating]))
+    for got, want, start in ((new_hidden, all_hidden, hidden), (new_cell, all_cell, cell)):
+        torch.testing.assert_close(got[updating], want[updating])
+        unchanged = lane_major(start, sizes, lanes)[~updating]
+        assert torch.equal(got[~updating], unchanged)
+    if grad_mode:  # the weights' gradient comes through the updating scenarios alone
+        d_alpha = torch.randn(alpha.shape, generator=torch.Generator().manual_seed(4))
+        masked = torch.autograd.grad((alpha * d_alpha).sum(), list(trainable.values()))
+        full = torch.autograd.grad(
+            (all_alpha * d_alpha * updating[:, None]).sum(), list(trainable.values())
+        )
+        for got, want in zip(masked, full, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    else:
+        assert new_hidden.data_ptr() == before[0].data_ptr()  # in place, as without a mask
+
+
 @pytest.mark.parametrize(
     ("hidden_size", "sizes", "threads"),
     [

@@ -369,15 +369,19 @@ Block block_of(const Inputs& in, const Blocks& blocks, const std::vector<int64_t
           in.hidden + state, in.cell + state};
 }
 
+// The gates of the scenarios listed in `updating` (the others' are written by the caller).
 template <int H>
-void forward(const Inputs& in, const std::vector<int64_t>& offsets, int64_t scenarios, float p,
-             float* alpha, float* beta, float* hidden_out, float* cell_out) {
+void forward(const Inputs& in, const std::vector<int64_t>& offsets,
+             const std::vector<int64_t>& updating, float p, float* alpha, float* beta,
+             float* hidden_out, float* cell_out) {
   const Blocks blocks(offsets);
-  at::parallel_for(0, scenarios * blocks.size(), 64, [&](int64_t begin, int64_t end) {
+  const int64_t jobs = static_cast<int64_t>(updating.size()) * blocks.size();
+  at::parallel_for(0, jobs, 64, [&](int64_t begin, int64_t end) {
     Step<H> step;
     LossTerm<H> loss_term;
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t s = job / blocks.size(), j = job % blocks.size(), k = blocks.tensor_of[j];
+      const int64_t s = updating[job / blocks.size()], j = job % blocks.size();
+      const int64_t k = blocks.tensor_of[j];
       const Block block = block_of<H>(in, blocks, offsets, s, j);
       const Weights w = weights_of<H>(in, k);
       step.run(block, w, loss_term.of(block, w, s, k), p);
@@ -512,27 +516,45 @@ void dispatch_hidden(int64_t hidden_size, Fn&& fn) {
 
 // grad, theta [S, n]; loss [S]; hidden, cell [S, B, H, lanes] (B blocks: each tensor's
 // elements in runs of `lanes`); weight [K, 6 + H, 4H]; bias [K, 4H]; out_weight [K, H, 2];
-// out_bias [K, 2]; offsets: the K + 1 tensor bounds. Writes the new states into hidden_out,
-// cell_out (of the states' shape; they may be hidden and cell themselves: a block reads its
-// states before it writes them) and returns alpha, beta [S, n].
+// out_bias [K, 2]; offsets: the K + 1 tensor bounds; updating [S] bool: the scenarios whose
+// gates are computed. Writes their new states into hidden_out, cell_out (of the states'
+// shape; they may be hidden and cell themselves: a block reads its states before it writes
+// them) and returns alpha, beta [S, n]. A scenario not updating (it stopped) gets zero gates
+// and its states unchanged: the caller's update leaves it as it is.
 std::vector<torch::Tensor> update_gates(torch::Tensor grad, torch::Tensor theta,
                                         torch::Tensor loss, torch::Tensor hidden,
                                         torch::Tensor cell, torch::Tensor weight,
                                         torch::Tensor bias, torch::Tensor out_weight,
                                         torch::Tensor out_bias, std::vector<int64_t> offsets,
                                         double p, torch::Tensor hidden_out,
-                                        torch::Tensor cell_out) {
+                                        torch::Tensor cell_out, torch::Tensor updating) {
   check({grad, theta, loss, hidden, cell, weight, bias, out_weight, out_bias, hidden_out,
          cell_out},
         offsets, grad, hidden, weight);
   TORCH_CHECK(hidden_out.sizes() == hidden.sizes() && cell_out.sizes() == hidden.sizes() &&
                   cell.sizes() == hidden.sizes(),
               "fused update cell: the states and their outputs must have one shape");
+  TORCH_CHECK(updating.device().is_cpu() && updating.scalar_type() == torch::kBool &&
+                  updating.dim() == 1 && updating.size(0) == grad.size(0),
+              "fused update cell: updating must be one bool per scenario");
   auto alpha = torch::empty_like(grad), beta = torch::empty_like(grad);
   const Inputs in =
       inputs_of(grad, theta, loss, hidden, cell, weight, bias, out_weight, out_bias, p);
+  const auto flags = updating.contiguous();
+  const bool* flag = flags.data_ptr<bool>();
+  std::vector<int64_t> listed;
+  for (int64_t s = 0; s < grad.size(0); ++s) {
+    if (flag[s]) {
+      listed.push_back(s);
+      continue;
+    }
+    alpha[s].zero_();
+    beta[s].zero_();
+    if (!hidden_out.is_same(hidden)) hidden_out[s].copy_(hidden[s]);
+    if (!cell_out.is_same(cell)) cell_out[s].copy_(cell[s]);
+  }
   dispatch_hidden(hidden.size(2), [&]<int H>() {
-    forward<H>(in, offsets, grad.size(0), static_cast<float>(p), alpha.data_ptr<float>(),
+    forward<H>(in, offsets, listed, static_cast<float>(p), alpha.data_ptr<float>(),
                beta.data_ptr<float>(), hidden_out.data_ptr<float>(), cell_out.data_ptr<float>());
   });
   return {alpha, beta};
@@ -561,10 +583,13 @@ std::vector<torch::Tensor> update_gates_backward(
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.attr("lanes") = kLanes;
-  module.def("update_gates", &update_gates, "fused update-controller step");
+  // Each call releases the GIL (arguments converted before, results after): an adaptation
+  // or a ranking on a worker thread must not hold the event loop for its length.
+  module.def("update_gates", &update_gates, "fused update-controller step",
+             pybind11::call_guard<pybind11::gil_scoped_release>());
   module.def("update_gates_backward", &update_gates_backward,
-             "gradients of the update controller's weights through one fused step");
-  // The GIL released for the whole call, arguments converted before and results after.
+             "gradients of the update controller's weights through one fused step",
+             pybind11::call_guard<pybind11::gil_scoped_release>());
   module.def("top_k_pools", &top_k_pools, "top-k of several recommenders' pools at once",
              pybind11::call_guard<pybind11::gil_scoped_release>());
 }
