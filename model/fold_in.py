@@ -25,6 +25,7 @@ DEFAULT_REGULARIZATION = 0.01
 DEFAULT_ALPHA = 20.0
 GRAM_CHUNK = 1 << 16  # rows per step: a 10M-row table is never copied whole in float64
 SOLVE_CHUNK = 1024  # systems solved at once: 32 MiB of [D, D] float64 at 64 dims
+OUTER_ELEMENTS = 1 << 22  # interactions' [D, D] outer products summed at once: 32 MiB
 
 
 @dataclass(frozen=True)
@@ -67,18 +68,26 @@ def fold_in(
     base = fixed_gram + settings.regularization * torch.eye(dim, dtype=torch.float64, device=device)
     for start in range(0, len(touched), SOLVE_CHUNK):
         rows = touched[start : start + SOLVE_CHUNK]
-        lhs = base.repeat(len(rows), 1, 1)  # [R, D, D]
-        rhs = torch.zeros(len(rows), dim, dtype=torch.float64, device=device)
-        for j, k in enumerate(rows):
-            y = counterparts[k].to(device=device, dtype=torch.float64)  # [n_k, D]
-            r = (
-                torch.ones(len(y), dtype=torch.float64, device=device)
-                if strengths is None
-                else strengths[k].to(device=device, dtype=torch.float64)
-            )
+        # All the chunk's interactions at once (a few torch calls per chunk, not per row):
+        # each row's system sums its interactions' terms.
+        y = torch.cat([counterparts[k] for k in rows]).to(device=device, dtype=torch.float64)
+        owner = torch.repeat_interleave(
+            torch.arange(len(rows), device=device),
+            torch.tensor([len(counterparts[k]) for k in rows], device=device),
+        )
+        if strengths is None:
+            confidence = torch.full((len(y),), settings.alpha, dtype=torch.float64, device=device)
+        else:
+            r = torch.cat([strengths[k] for k in rows]).to(device=device, dtype=torch.float64)
             confidence = settings.alpha * r
-            lhs[j] += y.T @ ((confidence - 1.0)[:, None] * y)
-            rhs[j] = y.T @ confidence
+        lhs = base.repeat(len(rows), 1, 1)  # [R, D, D]
+        weighted = (confidence - 1.0)[:, None] * y
+        step = max(1, OUTER_ELEMENTS // (dim * dim))  # interactions' outer products at once
+        for first in range(0, len(y), step):
+            part = slice(first, first + step)
+            lhs.index_add_(0, owner[part], y[part, :, None] * weighted[part, None, :])
+        rhs = torch.zeros(len(rows), dim, dtype=torch.float64, device=device)
+        rhs.index_add_(0, owner, confidence[:, None] * y)
         solved, info = torch.linalg.solve_ex(lhs, rhs)
         # Singular only without regularisation on a rank-deficient table: the minimum-norm
         # least-squares vector then, rather than an error.

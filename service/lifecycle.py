@@ -156,14 +156,16 @@ class MetaLearnerLifecycle:
                 logger.info("unloaded meta learners no scenario uses: %s", dropped)
 
     async def _readapt_in_turn(self, batches: list[list[str]], current: LoadedVersion) -> None:
-        """Re-adapt the batches one after another on the adaptation pool, each batch's locks,
-        reads and writes beside its neighbours' adaptation: two batches in flight at most."""
+        """Re-adapt the batches in the re-adaptation pool, as many side by side as it has
+        workers, each batch's locks, reads and writes beside the others' adaptation: one
+        batch more in flight than the pool runs."""
         in_flight: list[asyncio.Task[None]] = []
+        side_by_side = self.service.writes.readapt_batches
         try:
             for batch in batches:
                 taken = await self._take(batch, current)
                 in_flight.append(asyncio.create_task(self._readapt(taken, current)))
-                if len(in_flight) > 1:
+                if len(in_flight) > side_by_side:
                     await in_flight.pop(0)
             while in_flight:
                 await in_flight.pop(0)

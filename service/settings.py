@@ -96,11 +96,14 @@ class Settings(BaseSettings):
         description="torch's threads within an adaptation a request asks for (the adaptation "
         "workers' own setting; recommends keep S2META_TORCH_THREADS); 0: one per core",
     )
+    # One: batches side by side, one per core, outrun one batch over every core, whose
+    # threads all wait whenever anything else takes one of the cores (docs/performance.md).
     readapt_threads: int = Field(
-        0,
+        1,
         ge=0,
-        description="torch's threads within a batch of re-adaptations after a hot reload, "
-        "and for compiling the adaptation step; 0: one per core",
+        description="torch's threads within a batch of re-adaptations after a hot reload; "
+        "as many batches re-adapt side by side as the cores hold (cores // threads, at "
+        "least one); 0: one per core",
     )
     # On: the eager step serves until the compiled one is ready (docs/performance.md).
     adapt_compile: bool = Field(

@@ -67,14 +67,26 @@ class ScenarioWrites:
             (self._threads["request"], self._threads["reload"]),
             metrics,
         )
-        # Adaptations get their own bounded pool, so recommends never wait behind one.
+        # Adaptations get their own bounded pool, so recommends never wait behind one; the
+        # batches of a re-adaptation another, so requests do not wait behind them either.
         self._adapt_pool = ThreadPoolExecutor(settings.adapt_workers, thread_name_prefix="adapt")
-        self._in_flight = 0
+        self.readapt_batches = max(1, cores // self._threads["reload"])
+        self._pools = {
+            "request": self._adapt_pool,
+            "reload": ThreadPoolExecutor(self.readapt_batches, thread_name_prefix="readapt"),
+        }
+        self._in_flight = {"request": 0, "reload": 0}
+
+    @property
+    def in_flight(self) -> int:
+        """Adaptations (a re-adaptation's batch counts once) running or queued."""
+        return sum(self._in_flight.values())
 
     def close(self) -> None:
         """Stop the adaptation workers and the compiler's warm-up."""
         self.compiler.close()
-        self._adapt_pool.shutdown(wait=True, cancel_futures=True)
+        for pool in self._pools.values():
+            pool.shutdown(wait=True, cancel_futures=True)
 
     async def adapt(
         self,
@@ -156,9 +168,10 @@ class ScenarioWrites:
     ) -> dict[str, object]:
         """Adapt in the adaptation pool and store a new revision; with `expected`, only over
         that revision (0: absent), else RevisionMismatchError."""
-        if self._in_flight >= self.settings.adapt_workers + self.settings.adapt_queue:
+        requests = self._in_flight["request"]
+        if requests >= self.settings.adapt_workers + self.settings.adapt_queue:
             self.metrics.adaptations_rejected.inc()
-            raise QueueFullError(f"{self._in_flight} adaptations are running or queued")
+            raise QueueFullError(f"{requests} adaptations are running or queued")
         min_interactions = self.settings.min_interactions
 
         def run() -> list[Adapted]:
@@ -217,18 +230,19 @@ class ScenarioWrites:
     async def run_adaptations(
         self, work: Callable[[], list[Adapted]], trigger: str, meta_learner: str
     ) -> list[Adapted]:
-        """Run one adaptation or one batch of them (a re-adaptation's) in the adaptation pool;
-        a batch holds one worker, so it counts once in flight."""
-        self._in_flight += 1
-        self.metrics.adaptations_in_flight.set(self._in_flight)
+        """Run one adaptation (trigger "request") in the adaptation pool, or one batch of a
+        re-adaptation ("reload") in the re-adaptation pool; a batch holds one worker, so it
+        counts once in flight."""
+        self._in_flight[trigger] += 1
+        self.metrics.adaptations_in_flight.set(self.in_flight)
         try:
             start = time.perf_counter()
             outcomes = await asyncio.get_running_loop().run_in_executor(
-                self._adapt_pool, _with_threads, self._threads[trigger], work
+                self._pools[trigger], _with_threads, self._threads[trigger], work
             )
         finally:
-            self._in_flight -= 1
-            self.metrics.adaptations_in_flight.set(self._in_flight)
+            self._in_flight[trigger] -= 1
+            self.metrics.adaptations_in_flight.set(self.in_flight)
         seconds = time.perf_counter() - start
         self.metrics.adaptation_seconds.labels(trigger, meta_learner).observe(seconds)
         for state in outcomes:

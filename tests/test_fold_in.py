@@ -72,7 +72,7 @@ def test_fold_in_without_regularisation_on_a_rank_deficient_table_is_least_squar
 def test_fold_in_of_many_rows_solves_only_the_touched_a_chunk_at_a_time(monkeypatch):
     """A pool may hold a million new candidates (S2META_MAX_CANDIDATES): one [D, D] system
     each would take 32 GB at 64 dims. Untouched rows are zero without a solve, and the others
-    are solved in chunks, to the same vectors."""
+    are solved in chunks, to the same vectors, whatever the chunks of their interactions."""
     table = torch.randn(30, 4)
     counterparts = [table[:0]] * 5000 + [table[[k % 30, (k + 1) % 30]] for k in range(300)]
     alone = [fold_in(gram(table), [vectors], SETTINGS)[0] for vectors in counterparts[-3:]]
@@ -85,6 +85,8 @@ def test_fold_in_of_many_rows_solves_only_the_touched_a_chunk_at_a_time(monkeypa
 
     monkeypatch.setattr(torch.linalg, "solve_ex", counted)
     monkeypatch.setattr(fold_in_module, "SOLVE_CHUNK", 128)
+    # Outer products 7 interactions at a time: a row's two straddle some of the boundaries.
+    monkeypatch.setattr(fold_in_module, "OUTER_ELEMENTS", 7 * 4 * 4)
     folded = fold_in(gram(table), counterparts, SETTINGS)
     assert sizes == [128, 128, 44]
     assert folded.shape == (5300, 4) and (folded[:5000] == 0).all()

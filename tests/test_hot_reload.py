@@ -90,6 +90,55 @@ async def test_polling_reload_serves_old_revision_until_readapted(
         assert 'version="v0001"' not in metrics  # the replaced version is dropped
 
 
+async def test_readaptation_batches_run_side_by_side_beside_requests(
+    artifact, registry, scenario, monkeypatch
+):
+    # Two cores at one thread per batch: two batches at once, in a pool of their own, so a
+    # request is neither queued behind them nor refused (one worker, no queue).
+    monkeypatch.setattr("service.writes.os.cpu_count", lambda: 2)
+    settings = Settings(
+        registry=registry,
+        reload_poll_s=0.1,
+        readapt_batch=1,
+        readapt_threads=1,
+        adapt_workers=1,
+        adapt_queue=0,
+    )
+    both_running = threading.Barrier(2, timeout=30)
+    release = threading.Event()
+    threads: list[str] = []
+    real = lifecycle_module.adapt_registrations
+
+    def adaptation(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        if len(threads) <= 2:
+            both_running.wait()  # broken, and the re-adaptation fails, if run one at a time
+            release.wait(timeout=60)
+        return real(*args, **kwargs)
+
+    async with running(settings) as (_, client):
+        for name in ("a", "b", "c"):
+            await client.post(f"/scenarios/{name}/adapt", json=scenario.body())
+        monkeypatch.setattr(lifecycle_module, "adapt_registrations", adaptation)
+        publish(artifact, registry)
+
+        async def two_running() -> bool:
+            return len(threads) == 2
+
+        await wait_for(two_running, what="two batches re-adapting")
+        answer = await client.post("/scenarios/d/adapt", json=scenario.body())
+        assert answer.status_code == 200 and answer.json()["meta_learner"] == "v0002"
+        release.set()
+
+        async def all_readapted() -> bool:
+            page = (await client.get("/scenarios")).json()["scenarios"]
+            return all(s["meta_learner"] == "v0002" for s in page)
+
+        await wait_for(all_readapted, what="every scenario re-adapted")
+    assert len(threads) == 3 and len(set(threads[:2])) == 2
+    assert all(name.startswith("readapt") for name in threads)
+
+
 async def test_stale_scenarios_are_readapted_in_batches(artifact, registry, scenario):
     settings = Settings(registry=registry, reload_poll_s=0.1, readapt_batch=2)
     async with running(settings) as (app, client):
@@ -122,7 +171,7 @@ async def test_a_newer_client_revision_wins_over_a_late_readaptation(
         publish(artifact, registry)
 
         async def readapting() -> bool:
-            return service.writes._in_flight == 1
+            return service.writes.in_flight == 1
 
         await wait_for(readapting, what="the re-adaptation to start")
         reposted = await client.post(url, json=scenario.body(variant="mapping"))
@@ -130,7 +179,7 @@ async def test_a_newer_client_revision_wins_over_a_late_readaptation(
         release.set()
 
         async def idle() -> bool:
-            return service.writes._in_flight == 0
+            return service.writes.in_flight == 0
 
         await wait_for(idle, what="the re-adaptation to finish")
         await asyncio.sleep(0.3)

@@ -317,7 +317,7 @@ async def test_queue_full_is_429_and_recommend_is_not_blocked(registry, scenario
         await client.post("/scenarios/ready/adapt", json=scenario.body())
         monkeypatch.setattr(writes_module, "adapt_registration", held_adaptation)
         pending = asyncio.create_task(client.post("/scenarios/next/adapt", json=scenario.body()))
-        while app.state.service.writes._in_flight == 0:
+        while app.state.service.writes.in_flight == 0:
             await asyncio.sleep(0.01)
         refused = await client.post("/scenarios/other/adapt", json=scenario.body())
         assert_problem(refused, 429, urn("queue-full"), "retry later")
