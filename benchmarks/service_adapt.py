@@ -18,23 +18,33 @@ posts, the total (the sum of duration_ms over the sum of steps), the median step
 duration, the median over posts of each post's ms per step over its library figure (the
 ratio; also per round), and whether the issue's targets (TARGET_*) are met.
 
+The library's figure is taken warm, call after call; a post comes to an adaptation cold,
+after the library's calls in this process had the cores and caches. So right after each
+post, one library call of the post's number of steps, alone, is timed too (the cold
+figure): a post's ms per step over it (the cold ratio) is the service's own overhead,
+apart from the machine's cost of coming back to an adaptation.
+
 Prints a table and writes benchmarks/results/service_adapt.json (--name). Not part of the test
 run. Run: python -m benchmarks.service_adapt [--rounds 5] [--adapt-threads 1,0]
 [--library-repeats 3] [--no-compile]
 """
 
 import argparse
+import dataclasses
 import secrets
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
+import torch
 
-from benchmarks.adaptation_speed import one_scenario_timing
+from benchmarks.adaptation_speed import Reference, one_scenario_timing, synthetic_batch
 from benchmarks.harness import Scenario, Stack, percentile, start_lastfm_stack
 from benchmarks.report import write_report
+from model.learner import adapt
 
 VARIANT = "interaction"
 # The issue's targets: the service's server-side ms per step at most this share of the
@@ -58,18 +68,60 @@ def post_adapt(stack: Stack, scenario_id: str, scenario: Scenario) -> dict[str, 
     return body
 
 
+@dataclasses.dataclass(frozen=True)
+class ColdLibrary:
+    """The library's one-scenario adaptation (the reference of adaptation_speed, compiled,
+    fused, one thread) as a single timed call, without the warm-up call before it."""
+
+    reference: Reference
+    triples: dict[str, torch.Tensor]
+    uniforms: torch.Tensor
+
+    @classmethod
+    def build(cls) -> "ColdLibrary":
+        reference = Reference.on(torch.device("cpu"))
+        triples, uniforms = synthetic_batch(reference.config, 1, 0, torch.device("cpu"))
+        return cls(reference, triples, uniforms)
+
+    def ms_per_step(self, steps: int) -> float:
+        """One call of `steps` steps (no early stop), its ms per step."""
+        config = dataclasses.replace(self.reference.config, max_steps=steps)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                start = time.perf_counter()
+                adapt(
+                    self.reference.meta,
+                    config,
+                    self.reference.tables,
+                    self.triples,
+                    self.uniforms,
+                    compiled=True,
+                )
+                return (time.perf_counter() - start) * 1000 / steps
+        finally:
+            torch.set_num_threads(threads)
+
+
 def post_round(
-    stack: Stack, scenarios: list[Scenario], prefix: str, library_repeats: int
+    stack: Stack,
+    scenarios: list[Scenario],
+    prefix: str,
+    library_repeats: int,
+    cold: ColdLibrary,
 ) -> list[dict[str, object]]:
     """Every scenario posted once, one post at a time, under new ids (new seeded draws,
     never a reused answer), each right after the library's figure (this process, the API
-    idle); per post its id, steps, server-side duration and its ratio to that figure."""
+    idle) and followed by the library's cold call of as many steps; per post its id, steps,
+    server-side duration and its ratios to those figures."""
     posts = []
     for scenario in scenarios:
         library = one_scenario_timing(repeats=library_repeats).ms_per_step
         scenario_id = f"{prefix}{scenario.scenario_id}"
         body = post_adapt(stack, scenario_id, scenario)
         steps, duration_ms = int(body["steps"]), float(body["duration_ms"])
+        library_cold = cold.ms_per_step(steps)
         posts.append(
             {
                 "scenario": scenario_id,
@@ -79,6 +131,8 @@ def post_round(
                 "ms_per_step": duration_ms / steps,
                 "library_ms_per_step": library,
                 "ratio": duration_ms / steps / library,
+                "library_cold_ms_per_step": library_cold,
+                "cold_ratio": duration_ms / steps / library_cold,
             }
         )
     return posts
@@ -116,6 +170,10 @@ def print_table(runs: list[dict[str, object]]) -> None:
             f"{service['duration_ms_median']:.1f} ms; round ratios "
             f"{', '.join(f'{r:.2f}' for r in run['round_ratios'])}"
         )
+        print(
+            f"{'':26}the library cold: {run['library_cold_ms_per_step_median']:.2f} ms per "
+            f"step, the service {run['cold_ratio']:.2f}x it"
+        )
     print(f"targets: ratio <= {TARGET_RATIO} and <= {TARGET_MS_PER_STEP} ms per step")
 
 
@@ -129,15 +187,16 @@ def measure_service(
 ) -> dict[str, object]:
     """The API (re)started with S2META_ADAPT_THREADS=threads, its compile over (or off);
     then `rounds` rounds of every scenario posted once, each post paired with the library's
-    figure taken right before it (`post_round`)."""
+    figure taken right before it and its cold call right after (`post_round`)."""
     compile_setting = {} if compile_step else {"S2META_ADAPT_COMPILE": "false"}
     stack.start_api({"S2META_ADAPT_THREADS": str(threads), **compile_setting})
     waited = stack.compiled_after_s
     rounds_run = []
+    cold = ColdLibrary.build()
     try:
         post_adapt(stack, f"t{threads}-warmup", scenarios[0])
         for k in range(rounds):
-            posts = post_round(stack, scenarios, f"t{threads}-r{k}-", library_repeats)
+            posts = post_round(stack, scenarios, f"t{threads}-r{k}-", library_repeats, cold)
             rounds_run.append(posts)
             print(
                 f"  adapt threads {threads}, round {k + 1}/{rounds}: service "
@@ -161,6 +220,10 @@ def measure_service(
         ),
         "round_ratios": round_ratios,
         "ratio": ratio,
+        "library_cold_ms_per_step_median": statistics.median(
+            float(p["library_cold_ms_per_step"]) for p in posts
+        ),
+        "cold_ratio": statistics.median(float(p["cold_ratio"]) for p in posts),
         "targets": {
             "ratio_met": ratio <= TARGET_RATIO,
             "ms_per_step_met": service["ms_per_step_median"] <= TARGET_MS_PER_STEP,
