@@ -22,7 +22,9 @@ The library's figure is taken warm, call after call; a post comes to an adaptati
 after the library's calls in this process had the cores and caches. So right after each
 post, one library call of the post's number of steps, alone, is timed too (the cold
 figure): a post's ms per step over it (the cold ratio) is the service's own overhead,
-apart from the machine's cost of coming back to an adaptation.
+apart from the machine's cost of coming back to an adaptation. A least-squares line of
+duration over steps, for the posts and for their cold calls, splits each into a cost per
+adaptation and a cost per step.
 
 Prints a table and writes benchmarks/results/service_adapt.json (--name). Not part of the test
 run. Run: python -m benchmarks.service_adapt [--rounds 5] [--adapt-threads 1,0]
@@ -39,6 +41,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import torch
 
 from benchmarks.adaptation_speed import Reference, one_scenario_timing, synthetic_batch
@@ -138,6 +141,13 @@ def post_round(
     return posts
 
 
+def fixed_and_per_step(steps: list[int], ms: list[float]) -> dict[str, float]:
+    """The least-squares line ms = fixed + per_step * steps over the posts: what an
+    adaptation costs once and what each of its steps costs."""
+    per_step, fixed = np.polyfit(np.asarray(steps, dtype=float), np.asarray(ms), 1)
+    return {"fixed_ms": float(fixed), "per_step_ms": float(per_step)}
+
+
 def summarise(posts: list[dict[str, object]]) -> dict[str, float | None]:
     per_step = [float(post["ms_per_step"]) for post in posts]
     durations = [float(post["duration_ms"]) for post in posts]
@@ -173,6 +183,12 @@ def print_table(runs: list[dict[str, object]]) -> None:
         print(
             f"{'':26}the library cold: {run['library_cold_ms_per_step_median']:.2f} ms per "
             f"step, the service {run['cold_ratio']:.2f}x it"
+        )
+        service_line, cold_line = run["service_line"], run["library_cold_line"]
+        print(
+            f"{'':26}ms = fixed + per step x steps: service {service_line['fixed_ms']:.2f} + "
+            f"{service_line['per_step_ms']:.3f}, library cold {cold_line['fixed_ms']:.2f} + "
+            f"{cold_line['per_step_ms']:.3f}"
         )
     print(f"targets: ratio <= {TARGET_RATIO} and <= {TARGET_MS_PER_STEP} ms per step")
 
@@ -222,6 +238,14 @@ def measure_service(
         "ratio": ratio,
         "library_cold_ms_per_step_median": statistics.median(
             float(p["library_cold_ms_per_step"]) for p in posts
+        ),
+        # The posts' durations, and their cold library calls', over their steps.
+        "service_line": fixed_and_per_step(
+            [int(p["steps"]) for p in posts], [float(p["duration_ms"]) for p in posts]
+        ),
+        "library_cold_line": fixed_and_per_step(
+            [int(p["steps"]) for p in posts],
+            [float(p["library_cold_ms_per_step"]) * int(p["steps"]) for p in posts],
         ),
         "cold_ratio": statistics.median(float(p["cold_ratio"]) for p in posts),
         "targets": {
