@@ -69,12 +69,6 @@ class FusedGates:
             torch.stack([meta[f"update.{k}.{part}"] for k in range(len(sizes))])
             for part in ("weight", "bias", "out_weight", "out_bias")
         ]
-        # Which tensor each block of `lanes` elements belongs to, [B, K] (blocks in order),
-        # for the gates' means per tensor from their sums per block.
-        counts = torch.tensor([-(-size // lanes) for size in sizes])
-        owner = torch.repeat_interleave(torch.arange(len(sizes)), counts)
-        self.block_tensors = torch.nn.functional.one_hot(owner, len(sizes)).float()
-        self.sizes = torch.tensor(sizes, dtype=torch.float32)
 
     def zero_state(self, num_scenarios: int, like: Tensor) -> Tensor:
         return like.new_zeros(num_scenarios, *self.state_shape)
@@ -112,37 +106,6 @@ class FusedGates:
                 *inputs, *self.packed, self.offsets, PREPROCESS_P, *states_out, updating
             )
         return alpha, beta, *states_out
-
-    def update_in_place(
-        self,
-        grad: Tensor,
-        theta: Tensor,
-        loss: Tensor,
-        hidden: Tensor,
-        cell: Tensor,
-        updating: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        """Without a backward pass, the step and the update at once: where `updating`,
-        theta = beta * theta - alpha * grad, in place, and the states likewise; returns the
-        gates' means per parameter tensor, alpha's and beta's [S, K] (NaN where a scenario
-        did not update), as `_apply_update` records them. Saves the update's own pass over
-        theta and the gates."""
-        if not theta.is_contiguous() or theta.requires_grad:
-            raise ValueError("theta is updated in place: contiguous, without autograd")
-        sums = self.extension.update_in_place(
-            grad.contiguous(),
-            theta,
-            loss.contiguous(),
-            hidden,
-            cell,
-            *(w.detach() for w in self.packed),
-            self.offsets,
-            PREPROCESS_P,
-            updating,
-        )
-        means = (sums.transpose(1, 2) @ self.block_tensors) / self.sizes  # [S, 2, K]
-        means = torch.where(updating[:, None, None], means, torch.nan)
-        return means[:, 0], means[:, 1]
 
 
 def fused_update_gates(meta: Params, sizes: list[int], hidden_size: int) -> FusedGates | None:

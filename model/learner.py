@@ -115,8 +115,6 @@ def adapt(
     active = torch.ones(num_scenarios, dtype=torch.bool, device=theta.device)
     steps = torch.zeros(num_scenarios, dtype=torch.long, device=theta.device)
     gates_fn = fused_gates or (_compiled_update_gates() if compiled else update_gates)
-    # Without a backward pass the fused cell applies the update itself, in place.
-    in_place = fused_gates if fused_gates is not None and not theta.requires_grad else None
     loss_and_grad, batched_loss = recommender_losses(config.recommender, compiled)
     decide, update = _compiled_step_parts() if compiled else (_decide_stop, _apply_update)
     stop_weights = {name: value for name, value in meta.items() if name.startswith("stop.")}
@@ -151,35 +149,34 @@ def adapt(
         # never computed (a scenario's last step would otherwise cost a whole step). The check
         # synchronises; none stops before min_steps, so it waits till then.
         all_stop = t >= config.min_steps and not bool(updating.any())
-        if in_place is not None:
-            alpha_mean, beta_mean = in_place.update_in_place(
-                grad, theta, loss, hidden, cell, updating
-            )
-            keep = updating
-            record = _step_record(
-                active, decided, stop_now, loss, p_stop, log_prob, keep, alpha_mean, beta_mean
-            )
+        if all_stop:  # the update masks every scenario out: zero gates stand in
+            # Two tensors, as the gates are: an alias would be a new graph to compile.
+            alpha, beta = torch.zeros_like(grad), torch.zeros_like(grad)
             new_hidden, new_cell = hidden, cell
-        else:
-            if all_stop:  # the update masks every scenario out: zero gates stand in
-                # Two tensors, as the gates are: an alias would be a new graph to compile.
-                alpha, beta = torch.zeros_like(grad), torch.zeros_like(grad)
-                new_hidden, new_cell = hidden, cell
-            elif config.update_rule == "learned":
-                # The fused cell computes only the updating scenarios' gates (a batch's
-                # stopped ones cost nothing); the reference computes all, and the update
-                # masks the rest.
-                only = (updating,) if fused_gates is not None else ()
-                alpha, beta, new_hidden, new_cell = gates_fn(
-                    meta, sizes, grad, theta.detach(), loss, hidden, cell, *only
-                )
-            else:
-                alpha = torch.full_like(grad, config.sgd_lr)
-                beta = torch.ones_like(grad)
-                new_hidden, new_cell = hidden, cell
-            theta, keep, record = update(
-                theta, alpha, beta, grad, active, decided, stop_now, loss, p_stop, log_prob, sizes
+        elif config.update_rule == "learned":
+            # The fused cell computes only the updating scenarios' gates (a batch's stopped
+            # ones cost nothing); the reference computes all, and the update masks the rest.
+            only = (updating,) if fused_gates is not None else ()
+            alpha, beta, new_hidden, new_cell = gates_fn(
+                meta, sizes, grad, theta.detach(), loss, hidden, cell, *only
             )
+        else:
+            alpha = torch.full_like(grad, config.sgd_lr)
+            beta = torch.ones_like(grad)
+            new_hidden, new_cell = hidden, cell
+        theta, keep, record = update(
+            theta,
+            alpha,
+            beta,
+            grad,
+            active,
+            decided,
+            stop_now,
+            loss,
+            p_stop,
+            log_prob,
+            sizes,
+        )
         # First-order, and a stopped scenario never reads its states again: replace unmasked.
         hidden, cell = new_hidden.detach(), new_cell.detach()
         stop_hidden, stop_cell = new_stop_hidden.detach(), new_stop_cell.detach()
@@ -246,35 +243,20 @@ def _apply_update(
     it, which scenarios kept learning, and the step's records."""
     keep = active & ~stop_now
     theta = torch.where(keep[:, None], beta * theta - alpha * grad, theta)
-    alpha_mean, beta_mean = _segment_means(alpha, sizes), _segment_means(beta, sizes)
-    record = _step_record(
-        active, decided, stop_now, loss, p_stop, log_prob, keep, alpha_mean, beta_mean
+    return (
+        theta,
+        keep,
+        {
+            "train_loss": torch.where(active, loss, torch.nan),
+            "stop_probability": torch.where(active, p_stop, torch.nan),
+            "decision_log_prob": torch.where(decided, log_prob, 0.0),
+            "decided": decided,
+            "stopped": stop_now,
+            # The gates' means where an update was made, NaN elsewhere.
+            "alpha_mean": torch.where(keep[:, None], _segment_means(alpha, sizes), torch.nan),
+            "beta_mean": torch.where(keep[:, None], _segment_means(beta, sizes), torch.nan),
+        },
     )
-    return theta, keep, record
-
-
-def _step_record(
-    active: Tensor,
-    decided: Tensor,
-    stop_now: Tensor,
-    loss: Tensor,
-    p_stop: Tensor,
-    log_prob: Tensor,
-    keep: Tensor,
-    alpha_mean: Tensor,
-    beta_mean: Tensor,
-) -> dict[str, Tensor]:
-    """A step's records (AdaptResult's columns): NaN or 0 where they do not apply."""
-    return {
-        "train_loss": torch.where(active, loss, torch.nan),
-        "stop_probability": torch.where(active, p_stop, torch.nan),
-        "decision_log_prob": torch.where(decided, log_prob, 0.0),
-        "decided": decided,
-        "stopped": stop_now,
-        # The gates' means where an update was made, NaN elsewhere.
-        "alpha_mean": torch.where(keep[:, None], alpha_mean, torch.nan),
-        "beta_mean": torch.where(keep[:, None], beta_mean, torch.nan),
-    }
 
 
 @functools.cache

@@ -369,17 +369,10 @@ Block block_of(const Inputs& in, const Blocks& blocks, const std::vector<int64_t
           in.hidden + state, in.cell + state};
 }
 
-// Where forward's gates go: into alpha and beta [S, n], or, with `theta_out` set, into the
-// update theta_out = beta * theta - alpha * grad, with their sums per block in gate_sums
-// [S, B, 2].
-struct GateOut {
-  float *alpha = nullptr, *beta = nullptr, *theta_out = nullptr, *gate_sums = nullptr;
-};
-
 // The gates of the scenarios listed in `updating` (the others' are written by the caller).
 template <int H>
 void forward(const Inputs& in, const std::vector<int64_t>& offsets,
-             const std::vector<int64_t>& updating, float p, const GateOut& out,
+             const std::vector<int64_t>& updating, float p, float* alpha, float* beta,
              float* hidden_out, float* cell_out) {
   const Blocks blocks(offsets);
   const int64_t jobs = static_cast<int64_t>(updating.size()) * blocks.size();
@@ -393,22 +386,8 @@ void forward(const Inputs& in, const std::vector<int64_t>& offsets,
       const Weights w = weights_of<H>(in, k);
       step.run(block, w, loss_term.of(block, w, s, k), p);
       const int64_t e = s * in.n + blocks.starts[j];
-      if (out.theta_out == nullptr) {
-        store_part(out.alpha + e, step.alpha, block.count);
-        store_part(out.beta + e, step.beta, block.count);
-      } else {  // the block's theta was read by step.run: it may be overwritten now
-        const Vec updated = step.beta * load_part(block.theta, block.count) -
-                            step.alpha * load_part(block.grad, block.count);
-        store_part(out.theta_out + e, updated, block.count);
-        float alpha_sum = 0.0f, beta_sum = 0.0f;
-        for (int l = 0; l < block.count; ++l) {
-          alpha_sum += step.alpha[l];
-          beta_sum += step.beta[l];
-        }
-        float* sums = out.gate_sums + 2 * (s * blocks.size() + j);
-        sums[0] = alpha_sum;
-        sums[1] = beta_sum;
-      }
+      store_part(alpha + e, step.alpha, block.count);
+      store_part(beta + e, step.beta, block.count);
       const int64_t state = state_offset<H>(blocks, s, j);
       for (int k = 0; k < H; ++k) {
         store(hidden_out + state + k * kLanes, step.hidden[k]);
@@ -574,49 +553,11 @@ std::vector<torch::Tensor> update_gates(torch::Tensor grad, torch::Tensor theta,
     if (!hidden_out.is_same(hidden)) hidden_out[s].copy_(hidden[s]);
     if (!cell_out.is_same(cell)) cell_out[s].copy_(cell[s]);
   }
-  GateOut out;
-  out.alpha = alpha.data_ptr<float>();
-  out.beta = beta.data_ptr<float>();
   dispatch_hidden(hidden.size(2), [&]<int H>() {
-    forward<H>(in, offsets, listed, static_cast<float>(p), out, hidden_out.data_ptr<float>(),
-               cell_out.data_ptr<float>());
+    forward<H>(in, offsets, listed, static_cast<float>(p), alpha.data_ptr<float>(),
+               beta.data_ptr<float>(), hidden_out.data_ptr<float>(), cell_out.data_ptr<float>());
   });
   return {alpha, beta};
-}
-
-// As update_gates with the states updated in place, and the update applied rather than the
-// gates returned: each updating scenario's theta becomes beta * theta - alpha * grad, in
-// place. Returns [S, B, 2]: the sums of alpha and beta over each block's elements (zero for
-// a scenario not updating), for the gates' means.
-torch::Tensor update_in_place(torch::Tensor grad, torch::Tensor theta, torch::Tensor loss,
-                              torch::Tensor hidden, torch::Tensor cell, torch::Tensor weight,
-                              torch::Tensor bias, torch::Tensor out_weight,
-                              torch::Tensor out_bias, std::vector<int64_t> offsets, double p,
-                              torch::Tensor updating) {
-  check({grad, theta, loss, hidden, cell, weight, bias, out_weight, out_bias}, offsets, grad,
-        hidden, weight);
-  TORCH_CHECK(cell.sizes() == hidden.sizes() && theta.sizes() == grad.sizes(),
-              "fused update cell: the states, and theta and grad, must have one shape each");
-  TORCH_CHECK(updating.device().is_cpu() && updating.scalar_type() == torch::kBool &&
-                  updating.dim() == 1 && updating.size(0) == grad.size(0),
-              "fused update cell: updating must be one bool per scenario");
-  const Inputs in =
-      inputs_of(grad, theta, loss, hidden, cell, weight, bias, out_weight, out_bias, p);
-  const Blocks blocks(offsets);
-  auto gate_sums = torch::zeros({grad.size(0), blocks.size(), 2}, grad.options());
-  const auto flags = updating.contiguous();
-  const bool* flag = flags.data_ptr<bool>();
-  std::vector<int64_t> listed;
-  for (int64_t s = 0; s < grad.size(0); ++s)
-    if (flag[s]) listed.push_back(s);
-  GateOut out;
-  out.theta_out = theta.data_ptr<float>();
-  out.gate_sums = gate_sums.data_ptr<float>();
-  dispatch_hidden(hidden.size(2), [&]<int H>() {
-    forward<H>(in, offsets, listed, static_cast<float>(p), out, hidden.data_ptr<float>(),
-               cell.data_ptr<float>());
-  });
-  return gate_sums;
 }
 
 // The same inputs and d alpha, d beta [S, n]; returns the gradients of weight, bias,
@@ -645,9 +586,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   // Each call releases the GIL (arguments converted before, results after): an adaptation
   // or a ranking on a worker thread must not hold the event loop for its length.
   module.def("update_gates", &update_gates, "fused update-controller step",
-             pybind11::call_guard<pybind11::gil_scoped_release>());
-  module.def("update_in_place", &update_in_place,
-             "fused update-controller step and update, in place",
              pybind11::call_guard<pybind11::gil_scoped_release>());
   module.def("update_gates_backward", &update_gates_backward,
              "gradients of the update controller's weights through one fused step",
