@@ -147,8 +147,11 @@ def adapt(
         updating = active & ~stop_now
         # Where every scenario stops at this step there is no update to make, so its gates are
         # never computed (a scenario's last step would otherwise cost a whole step). The check
-        # synchronises; none stops before min_steps, so it waits till then.
-        all_stop = t >= config.min_steps and not bool(updating.any())
+        # synchronises; none stops before min_steps, nor without the stop controller, so it
+        # is made only from then on and with it.
+        all_stop = (
+            config.stop_rule == "learned" and t >= config.min_steps and not bool(updating.any())
+        )
         if all_stop:  # the update masks every scenario out: zero gates stand in
             # Two tensors, as the gates are: an alias would be a new graph to compile.
             alpha, beta = torch.zeros_like(grad), torch.zeros_like(grad)

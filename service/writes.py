@@ -69,10 +69,9 @@ class ScenarioWrites:
         )
         # Adaptations get their own bounded pool, so recommends never wait behind one; the
         # batches of a re-adaptation another, so requests do not wait behind them either.
-        self._adapt_pool = ThreadPoolExecutor(settings.adapt_workers, thread_name_prefix="adapt")
         self.readapt_batches = max(1, cores // self._threads["reload"])
         self._pools = {
-            "request": self._adapt_pool,
+            "request": ThreadPoolExecutor(settings.adapt_workers, thread_name_prefix="adapt"),
             "reload": ThreadPoolExecutor(self.readapt_batches, thread_name_prefix="readapt"),
         }
         self._in_flight = {"request": 0, "reload": 0}
